@@ -1,0 +1,52 @@
+"""The main port: a plain ASGI callable. It takes the current runtime snapshot once per
+request (the request keeps it to its end, even across a reload) and hands over to the
+pipeline (HTTP) or the WebSocket relay."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from proxy import pipeline, websocket
+from proxy.logs import AccessLog
+from proxy.request import DisconnectWatch, Request, Send
+from proxy.runtime import Runtime
+
+
+class Holder:
+    """The current snapshot; `reload` is the only code that swaps it."""
+
+    __slots__ = ("current", "ready", "draining")
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.current = runtime
+        self.ready = False
+        self.draining = False
+
+
+class ProxyApp:
+    def __init__(self, holder: Holder, access_log: AccessLog) -> None:
+        self.holder = holder
+        self.access_log = access_log
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Send) -> None:
+        kind = scope["type"]
+        runtime = self.holder.current
+        if kind == "http":
+            req = Request(scope, receive, runtime.trusted)
+            watch = DisconnectWatch(receive, asyncio.current_task())
+            await pipeline.handle(runtime, req, send, watch, self.access_log)
+        elif kind == "websocket":
+            await websocket.handle(runtime, scope, receive, send, self.access_log)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+
+
+async def _lifespan(receive: Any, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,178 @@
+"""Every metric of SPEC §9, defined once, and the sinks the data plane reports into.
+
+Labelled children are cached per label tuple, so recording a request is a dict lookup and
+two increments. With several workers prometheus_client's multiprocess mode is on
+(PROMETHEUS_MULTIPROC_DIR); each gauge says how workers combine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from proxy.outcome import Outcome
+from proxy.stats import Window
+
+BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
+)
+BREAKER_VALUES = {"closed": 0, "half-open": 1, "open": 2}
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.registry = r
+        self.requests = Counter(
+            "strangler_requests_total",
+            "Requests answered, by route, backend that answered, method and status sent.",
+            ["route", "backend", "method", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "strangler_request_duration_seconds",
+            "Time from receiving a request to its last byte sent.",
+            ["route", "backend"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.upstream_failures = Counter(
+            "strangler_upstream_failures_total",
+            "Failed attempts to a backend, by reason (connect, timeout, status, protocol).",
+            ["route", "backend", "reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "strangler_retries_total", "Retried attempts.", ["route", "backend"], registry=r
+        )
+        self.breaker_state = Gauge(
+            "strangler_breaker_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            ["route", "backend"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.breaker_rejections = Counter(
+            "strangler_breaker_rejections_total",
+            "Requests not sent to a backend because its breaker was open.",
+            ["route", "backend"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "strangler_fallbacks_total",
+            "Requests sent to the fallback backend.",
+            ["route", "backend", "fallback"],
+            registry=r,
+        )
+        self.bulkhead_in_flight = Gauge(
+            "strangler_bulkhead_in_flight",
+            "Requests of a route in flight.",
+            ["route"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.bulkhead_rejections = Counter(
+            "strangler_bulkhead_rejections_total",
+            "Requests refused because a route's bulkhead and queue were full.",
+            ["route"],
+            registry=r,
+        )
+        self.split_percent = Gauge(
+            "strangler_split_percent",
+            "The share of a route's traffic each backend gets, in percent.",
+            ["route", "backend"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.shadow_results = Counter(
+            "strangler_shadow_results_total",
+            "Shadow comparisons: match, mismatch or error.",
+            ["route", "backend", "result"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "strangler_config_reloads_total",
+            "Config reloads by result.",
+            ["result"],
+            registry=r,
+        )
+        self.backend_info = Gauge(
+            "strangler_backend_info",
+            "Declared backends and their role (legacy or service).",
+            ["backend", "role"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.backend_up = Gauge(
+            "strangler_backend_up",
+            "1 when the backend's active health check passes, 0 when not.",
+            ["backend"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.breaker_storage_up = Gauge(
+            "strangler_breaker_storage_up",
+            "1 while the shared breaker storage answers, 0 when not.",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self._children: dict[tuple[Any, ...], Any] = {}
+        self.window = Window()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def record(self, o: Outcome) -> None:
+        method = o.method if o.method in KNOWN_METHODS else "OTHER"
+        self._child(self.requests, o.route, o.backend, method, str(o.status)).inc()
+        self._child(self.duration, o.route, o.backend).observe(o.duration)
+        self.window.add(o.route, o.backend, o.status, o.duration)
+
+    def upstream_failure(self, route: str, backend: str, reason: str) -> None:
+        self._child(self.upstream_failures, route, backend, reason).inc()
+
+    def retry(self, route: str, backend: str) -> None:
+        self._child(self.retries, route, backend).inc()
+
+    def set_breaker_state(self, route: str, backend: str, state: str) -> None:
+        self._child(self.breaker_state, route, backend).set(BREAKER_VALUES[state])
+
+    def breaker_rejection(self, route: str, backend: str) -> None:
+        self._child(self.breaker_rejections, route, backend).inc()
+
+    def fallback(self, route: str, backend: str, fallback: str) -> None:
+        self._child(self.fallbacks, route, backend, fallback).inc()
+
+    def set_in_flight(self, route: str, value: int) -> None:
+        self._child(self.bulkhead_in_flight, route).set(value)
+
+    def bulkhead_rejection(self, route: str) -> None:
+        self._child(self.bulkhead_rejections, route).inc()
+
+    def set_split(self, route: str, weights: Mapping[str, int], backends: Any) -> None:
+        for backend in backends:
+            self._child(self.split_percent, route, backend).set(weights.get(backend, 0))
+
+    def shadow_result(self, route: str, backend: str, result: str) -> None:
+        self._child(self.shadow_results, route, backend, result).inc()
+
+    def reload(self, result: str) -> None:
+        self._child(self.config_reloads, result).inc()
+
+    def set_backend_info(self, backend: str, role: str) -> None:
+        self._child(self.backend_info, backend, role).set(1)
+
+    def set_backend_up(self, backend: str, up: bool) -> None:
+        self._child(self.backend_up, backend).set(1 if up else 0)
+
+    def set_storage_up(self, up: bool) -> None:
+        self.breaker_storage_up.set(1 if up else 0)

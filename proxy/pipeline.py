@@ -1,0 +1,316 @@
+"""The order of a request's steps, and the only place that knows it:
+
+    match -> choose -> bulkhead -> [breaker -> attempt -> retry]* -> fallback -> relay -> record
+
+Each step is owned by its own module (routing, split, bulkhead, breaker, retry, forward);
+this one composes them and turns their errors into answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from proxy.errors import (
+    BulkheadFull,
+    CircuitOpen,
+    ClientGone,
+    ProxyError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamStatusError,
+    problem,
+)
+from proxy.forward import Body, UpstreamResponse
+from proxy.headers import Headers, upstream_request_headers
+from proxy.logs import AccessLog
+from proxy.outcome import Outcome
+from proxy.request import DisconnectWatch, Request, RequestBody, Send
+from proxy.retry import backoff, is_replayable
+from proxy.routing import host_of, normalize, strip_prefix
+from proxy.runtime import RouteState, Runtime
+from proxy.split import Choice
+
+REPLAY_LIMIT = 64 * 1024  # bodies up to this size are held for retries and fallback
+SMALL_RESPONSE = 64 * 1024  # answers with a Content-Length up to this go out in one write
+
+
+class AbortResponse(Exception):
+    """Raised to the server after the response started: it closes the connection, so the
+    client sees a broken response, never a complete-looking short one."""
+
+    already_logged = True
+
+
+class _Exchange:
+    """The state of one request as it moves through the steps."""
+
+    __slots__ = ("rt", "req", "send", "watch", "outcome", "started_response", "body")
+
+    def __init__(
+        self, rt: Runtime, req: Request, send: Send, watch: DisconnectWatch, outcome: Outcome
+    ) -> None:
+        self.rt = rt
+        self.req = req
+        self.send = send
+        self.watch = watch
+        self.outcome = outcome
+        self.started_response = False
+        self.body: RequestBody | None = None
+
+
+async def handle(
+    rt: Runtime, req: Request, send: Send, watch: DisconnectWatch, log: AccessLog
+) -> None:
+    o = Outcome(req.request_id, req.method, req.raw_path.decode("latin-1"), req.started)
+    o.client_ip = req.peer
+    ex = _Exchange(rt, req, send, watch, o)
+    try:
+        route = o.route = "none"
+        state, path = _match(rt, req)
+        o.route = route = state.name
+        choice = state.chooser.choose(state.split, req)
+        o.bucket = choice.bucket
+        try:
+            async with state.bulkhead.slot():
+                await _exchange(ex, state, choice, path)
+        except BulkheadFull:
+            rt.metrics.bulkhead_rejection(route)
+            raise
+    except ProxyError as err:
+        await _answer_error(ex, err)
+    except asyncio.CancelledError:
+        if not watch.fired:
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        o.status, o.error = 499, "client went away"
+    finally:
+        watch.stop()
+        o.duration = time.monotonic() - req.started
+        rt.metrics.record(o)
+        log.log(o)
+
+
+def _match(rt: Runtime, req: Request) -> tuple[RouteState, str]:
+    path = normalize(req.raw_path)
+    state = rt.router.match(path, req.method, host_of(req.host), req.header)
+    if state.strip_prefix:
+        path = strip_prefix(path, state.strip_prefix)
+    return state, path
+
+
+async def _exchange(ex: _Exchange, state: RouteState, choice: Choice, path: str) -> None:
+    req, rt = ex.req, ex.rt
+    body, held = await _read_body(ex, state)
+    replayable = held and is_replayable(
+        req.method, req.header_bytes(b"idempotency-key") is not None
+    )
+    headers = upstream_request_headers(
+        req.headers,
+        peer=req.peer,
+        scheme=req.scheme,
+        peer_is_trusted=req.peer_is_trusted,
+        request_id=req.request_id,
+        host=None,
+    )
+    deadline = time.monotonic() + state.timeouts.total
+    state.budget.record_request()
+    backend = choice.backend
+    try:
+        resp = await _attempts(ex, state, backend, path, headers, body, replayable, deadline)
+    except (CircuitOpen, UpstreamError) as err:
+        fallback = state.fallback
+        if fallback is None or fallback == backend or not _may_fall_back(err, held, replayable):
+            if isinstance(err, UpstreamStatusError) and err.response is not None:
+                await _relay(ex, err.response, backend, choice)
+                return
+            ex.outcome.backend = backend
+            raise
+        if isinstance(err, UpstreamStatusError) and err.response is not None:
+            err.response.close()
+        rt.metrics.fallback(state.name, backend, fallback)
+        ex.outcome.fallback_from, backend = backend, fallback
+        try:
+            resp = await _attempts(ex, state, backend, path, headers, body, False, deadline)
+        except UpstreamStatusError as final:
+            await _relay(ex, final.response, backend, choice)
+            return
+        except (CircuitOpen, UpstreamError):
+            ex.outcome.backend = backend
+            raise
+    await _relay(ex, resp, backend, choice)
+
+
+def _may_fall_back(err: ProxyError, held: bool, replayable: bool) -> bool:
+    """An open breaker sent nothing; a connect error sent nothing either, if the body is in
+    hand to send again. Any other failure may have reached the backend: replay-safe only."""
+    if isinstance(err, CircuitOpen):
+        return True
+    if isinstance(err, UpstreamConnectError):
+        return held
+    return replayable
+
+
+async def _read_body(ex: _Exchange, state: RouteState) -> tuple[Body, bool]:
+    """The body to send: bytes when it is small enough to hold (then it can be replayed),
+    else a stream. The second value says whether the body is held."""
+    req = ex.req
+    length = req.content_length()
+    limit = state.max_body
+    if limit is not None and length is not None and length > limit:
+        raise_too_large(limit)
+    if not length and req.header_bytes(b"transfer-encoding") is None:
+        ex.watch.start()
+        return None, True
+    body = ex.body = RequestBody(req.receive, limit, on_complete=ex.watch.start)
+    head = await body.read_up_to(REPLAY_LIMIT)
+    if body.complete:
+        return head, True
+    return body.stream(head), False
+
+
+def raise_too_large(limit: int) -> None:
+    from proxy.errors import BodyTooLarge
+
+    raise BodyTooLarge(f"the request body is larger than {limit} bytes")
+
+
+async def _attempts(
+    ex: _Exchange,
+    state: RouteState,
+    backend: str,
+    path: str,
+    headers: Headers,
+    body: Body,
+    replayable: bool,
+    deadline: float,
+) -> UpstreamResponse:
+    """Up to `retry.attempts` tries at one backend, each let through by its breaker."""
+    rt, req, o = ex.rt, ex.req, ex.outcome
+    upstream = rt.upstreams[backend]
+    breaker = state.breaker(backend)
+    retry = state.retry
+    tries = retry.attempts if replayable else 1
+    target = upstream.target(path, req.query)
+    wire = [(b"host", upstream.host_header), *headers] if upstream.host_header else headers
+    if upstream.host_header is None and req.header_bytes(b"host") is not None:
+        wire = [(b"host", req.header_bytes(b"host") or b""), *headers]
+    error: ProxyError | None = None
+    for attempt in range(1, tries + 1):
+        if attempt > 1:
+            delay = backoff(attempt - 1, base=retry.backoff, cap=retry.max_backoff, rng=rt.rng)
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            rt.metrics.retry(state.name, backend)
+        ticket = breaker.try_acquire()
+        if ticket is None:
+            rt.metrics.breaker_rejection(state.name, backend)
+            o.backend = backend
+            raise CircuitOpen(
+                f"the circuit breaker for {backend} is open", retry_after=breaker.retry_after()
+            )
+        o.attempts += 1
+        try:
+            resp = await upstream.send(
+                req.method,
+                target,
+                wire,
+                body,
+                state.timeouts,
+                remaining=deadline - time.monotonic(),
+                body_error=ex.body,
+            )
+        except UpstreamError as exc:
+            breaker.record_failure(ticket)
+            rt.metrics.upstream_failure(state.name, backend, exc.reason)
+            error = exc
+            if attempt < tries and exc.reason in retry.on and _may_retry(state, deadline):
+                continue
+            raise
+        except BaseException:
+            breaker.release(ticket)
+            raise
+        if resp.status < 500:
+            breaker.record_success(ticket)
+            return resp
+        breaker.record_failure(ticket)
+        rt.metrics.upstream_failure(state.name, backend, "status")
+        if attempt < tries and resp.status in retry.on and _may_retry(state, deadline):
+            resp.close()
+            continue
+        raise UpstreamStatusError(resp.status, resp)
+    assert error is not None  # the loop either returns, raises or has an error
+    raise error
+
+
+def _may_retry(state: RouteState, deadline: float) -> bool:
+    return time.monotonic() < deadline and state.budget.try_spend()
+
+
+async def _relay(ex: _Exchange, resp: UpstreamResponse, backend: str, choice: Choice) -> None:
+    """Send the backend's answer to the client as it arrives; release the upstream
+    connection whatever happens."""
+    o, send = ex.outcome, ex.send
+    o.backend, o.status = backend, resp.status
+    headers = resp.headers
+    headers.append((b"x-request-id", ex.req.request_id.encode()))
+    if choice.set_cookie is not None:
+        headers.append((b"set-cookie", choice.set_cookie))
+    try:
+        bodyless = ex.req.method == "HEAD" or resp.status in (204, 304) or resp.status < 200
+        if bodyless or _small_length(headers):
+            body = b"" if bodyless else await resp.read(SMALL_RESPONSE)
+            ex.watch.stop()
+            await _start(ex, resp.status, headers)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            o.bytes_sent = len(body)
+            return
+        await _start(ex, resp.status, headers)
+        async for chunk in resp.chunks():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            o.bytes_sent += len(chunk)
+        ex.watch.stop()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except UpstreamError as err:
+        o.error = f"{err.reason}: {err.detail}"
+        ex.rt.metrics.upstream_failure(o.route, backend, err.reason)
+        if not ex.started_response:
+            raise
+        raise AbortResponse(o.error) from err
+    finally:
+        resp.close()
+
+
+def _small_length(headers: Headers) -> bool:
+    for name, value in headers:
+        if len(name) == 14 and name.lower() == b"content-length":
+            return value.isdigit() and int(value) <= SMALL_RESPONSE
+    return False
+
+
+async def _start(ex: _Exchange, status: int, headers: Headers) -> None:
+    ex.started_response = True
+    await ex.send({"type": "http.response.start", "status": status, "headers": headers})
+
+
+async def _answer_error(ex: _Exchange, err: ProxyError) -> None:
+    o = ex.outcome
+    o.status = err.status
+    o.error = o.error or err.detail
+    if isinstance(err, ClientGone):
+        return
+    if ex.started_response:
+        raise AbortResponse(err.detail) from err
+    ex.watch.stop()
+    status, headers, body = problem(err, route=o.route, request_id=ex.req.request_id)
+    if ex.body is not None and not ex.body.complete:
+        headers.append((b"connection", b"close"))
+    await _start(ex, status, headers)
+    await ex.send({"type": "http.response.body", "body": body, "more_body": False})
+    o.bytes_sent = len(body)
+
+
+def _unused(*_: Any) -> None:  # pragma: no cover
+    pass

@@ -1,0 +1,129 @@
+"""The only module that changes which runtime snapshot is current: config reloads (file
+change, SIGHUP, admin API) and live split overrides.
+
+A reload that fails validation changes nothing. Requests in flight keep the snapshot they
+started with; connection pools a reload retires are closed once their last request ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from proxy.app import Holder
+from proxy.config import Config
+from proxy.forward import Upstream
+from proxy.loader import ConfigError, load
+from proxy.logs import event
+from proxy.runtime import Runtime, build, retired_upstreams
+
+log = logging.getLogger("strangler.reload")
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    time: float
+    result: str  # "success" or "failure"
+    errors: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, object]:
+        return {"time": self.time, "result": self.result, "errors": list(self.errors)}
+
+
+@dataclass
+class Reloader:
+    holder: Holder
+    path: Path
+    last: ReloadResult = field(default_factory=lambda: ReloadResult(time.time(), "success"))
+    on_swap: list[Callable[[Runtime], None]] = field(default_factory=list)
+    _retiring: set[Upstream] = field(default_factory=set)
+
+    def reload(self) -> ReloadResult:
+        """Read and validate the file; swap the snapshot only when it is valid."""
+        metrics = self.holder.current.metrics
+        try:
+            config = load(self.path)
+        except ConfigError as err:
+            self.last = ReloadResult(time.time(), "failure", tuple(str(i) for i in err.issues))
+            metrics.reload("failure")
+            event(log, "config reload failed", logging.ERROR, errors=list(self.last.errors))
+            return self.last
+        self.apply(config)
+        self.last = ReloadResult(time.time(), "success")
+        metrics.reload("success")
+        event(log, "config reloaded", routes=len(config.routes), file=str(self.path))
+        return self.last
+
+    def apply(self, config: Config) -> None:
+        old = self.holder.current
+        new = build(config, old, old.metrics)
+        self._swap(new)
+        self._retire(retired_upstreams(old, new))
+
+    def set_split(self, route: str, weights: Mapping[str, int] | None) -> None:
+        self._swap(self.holder.current.with_split(route, weights))
+        event(log, "split override", route=route, split=dict(weights) if weights else None)
+
+    def _swap(self, runtime: Runtime) -> None:
+        self.holder.current = runtime
+        for callback in self.on_swap:
+            callback(runtime)
+
+    def _retire(self, upstreams: list[Upstream]) -> None:
+        for upstream in upstreams:
+            upstream.retired = True
+            self._retiring.add(upstream)
+        if upstreams:
+            asyncio.ensure_future(self._close_retired())
+
+    async def _close_retired(self) -> None:
+        """Close retired pools after their last request; give up waiting after a while."""
+        deadline = time.monotonic() + 600
+        while self._retiring and time.monotonic() < deadline:
+            for upstream in [u for u in self._retiring if u.users == 0]:
+                self._retiring.discard(upstream)
+                await upstream.close()
+            if self._retiring:
+                await asyncio.sleep(0.5)
+        for upstream in list(self._retiring):
+            self._retiring.discard(upstream)
+            await upstream.close()
+
+
+class FileWatch:
+    """Polls the config file's identity (following symlinks), so an editor's atomic rename
+    and a Kubernetes ConfigMap's `..data` symlink swap are both seen."""
+
+    def __init__(self, path: Path, on_change: Callable[[], object], interval: float = 1.0):
+        self.path = path
+        self.on_change = on_change
+        self.interval = interval
+        self._seen = self._identity()
+
+    def _identity(self) -> tuple[int, int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+
+    def poll(self) -> bool:
+        now = self._identity()
+        if now is None or now == self._seen:
+            return False
+        self._seen = now
+        self.on_change()
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - the watch must outlive any one bad reload
+                log.exception("config watch failed")

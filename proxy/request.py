@@ -1,0 +1,223 @@
+"""One client request as the data plane sees it, and its body as a bounded stream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from proxy.errors import BadRequest, BodyTooLarge, ClientGone
+from proxy.forward import BodyErrorSource
+from proxy.headers import TrustedProxies, is_sane_request_id, new_request_id
+
+Receive = Callable[[], Any]
+Send = Callable[[dict[str, Any]], Any]
+
+
+class Request:
+    """The parts of an ASGI `http` scope the pipeline reads, parsed at most once."""
+
+    __slots__ = (
+        "method",
+        "raw_path",
+        "query",
+        "headers",
+        "peer",
+        "scheme",
+        "http_version",
+        "request_id",
+        "started",
+        "receive",
+        "_trusted",
+        "_map",
+        "_cookies",
+        "_client_ip",
+    )
+
+    def __init__(self, scope: dict[str, Any], receive: Receive, trusted: TrustedProxies) -> None:
+        self.method: str = scope["method"]
+        self.raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        self.query: bytes = scope.get("query_string", b"")
+        self.headers: list[tuple[bytes, bytes]] = scope["headers"]
+        client = scope.get("client")
+        self.peer: str = client[0] if client else "0.0.0.0"
+        self.scheme: str = scope.get("scheme", "http")
+        self.http_version: str = scope.get("http_version", "1.1")
+        self.receive = receive
+        self.started = time.monotonic()
+        self._trusted = trusted
+        self._map: dict[str, str] | None = None
+        self._cookies: dict[str, str] | None = None
+        self._client_ip: str | None = None
+        sent_id = self.header_bytes(b"x-request-id")
+        self.request_id = (
+            sent_id.decode("ascii")
+            if sent_id is not None and is_sane_request_id(sent_id)
+            else new_request_id()
+        )
+
+    def header_bytes(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def header(self, name: str) -> str | None:
+        """The first value of a header, by case-insensitive name."""
+        if self._map is None:
+            found: dict[str, str] = {}
+            for key, value in self.headers:
+                found.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
+            self._map = found
+        return self._map.get(name.lower())
+
+    def cookie(self, name: str) -> str | None:
+        if self._cookies is None:
+            jar: dict[str, str] = {}
+            for key, value in self.headers:
+                if key == b"cookie":
+                    for pair in value.decode("latin-1").split(";"):
+                        k, sep, v = pair.strip().partition("=")
+                        if sep:
+                            jar.setdefault(k, v.strip('"'))
+            self._cookies = jar
+        return self._cookies.get(name) or None
+
+    @property
+    def peer_is_trusted(self) -> bool:
+        return self.peer in self._trusted
+
+    @property
+    def client_ip(self) -> str:
+        if self._client_ip is None:
+            self._client_ip = self._trusted.client_ip(
+                self.peer, self.header_bytes(b"x-forwarded-for")
+            )
+        return self._client_ip
+
+    @property
+    def is_secure(self) -> bool:
+        if self.peer_is_trusted:
+            proto = self.header_bytes(b"x-forwarded-proto")
+            if proto is not None:
+                return proto.strip().lower() == b"https"
+        return self.scheme == "https"
+
+    @property
+    def host(self) -> str | None:
+        return self.header("host")
+
+    def content_length(self) -> int | None:
+        """The declared body length; None when there is none (or chunked)."""
+        value = self.header_bytes(b"content-length")
+        if value is None:
+            return None
+        if not value.isdigit():
+            raise BadRequest("malformed Content-Length")
+        return int(value)
+
+    @property
+    def has_body(self) -> bool:
+        length = self.content_length()
+        return bool(length) or self.header_bytes(b"transfer-encoding") is not None
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+class RequestBody(BodyErrorSource):
+    """The client's body, read from ASGI `receive`, never more than `limit` bytes."""
+
+    __slots__ = ("_receive", "_limit", "received", "complete", "started", "on_complete")
+
+    def __init__(
+        self,
+        receive: Receive,
+        limit: int | None,
+        on_complete: Callable[[], None] | None = None,
+    ) -> None:
+        self._receive = receive
+        self._limit = limit
+        self.received = 0
+        self.complete = False
+        self.started = False
+        self.error = None
+        self.on_complete = on_complete
+
+    async def next_chunk(self) -> bytes:
+        """The next piece of the body; b'' once it is complete."""
+        if self.complete:
+            return b""
+        self.started = True
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.error = ClientGone("the client went away while sending its body")
+            raise self.error
+        chunk: bytes = message.get("body", b"")
+        self.received += len(chunk)
+        if self._limit is not None and self.received > self._limit:
+            self.error = BodyTooLarge(f"the request body is larger than {self._limit} bytes")
+            raise self.error
+        if not message.get("more_body", False):
+            self._finish()
+        return chunk
+
+    def _finish(self) -> None:
+        self.complete = True
+        if self.on_complete is not None:
+            self.on_complete()
+
+    def finish_empty(self) -> None:
+        """A request without a body: nothing to read."""
+        self._finish()
+
+    async def read_up_to(self, size: int) -> bytes:
+        """Read until the body ends or more than `size` bytes are in hand."""
+        parts: list[bytes] = []
+        held = 0
+        while not self.complete and held <= size:
+            chunk = await self.next_chunk()
+            parts.append(chunk)
+            held += len(chunk)
+        return b"".join(parts)
+
+    async def stream(self, head: bytes = b"") -> AsyncIterator[bytes]:
+        if head:
+            yield head
+        while not self.complete:
+            chunk = await self.next_chunk()
+            if chunk:
+                yield chunk
+
+
+class DisconnectWatch:
+    """Cancels the request's task when the client goes away, once the body is read (only
+    then is `receive` free to tell us). A cancelled request releases its upstream at once."""
+
+    __slots__ = ("_receive", "_task", "_watcher", "fired")
+
+    def __init__(self, receive: Receive, task: asyncio.Task[Any] | None) -> None:
+        self._receive = receive
+        self._task = task
+        self._watcher: asyncio.Task[None] | None = None
+        self.fired = False
+
+    def start(self) -> None:
+        if self._task is not None and self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                break
+        if self._task is not None and not self._task.done():
+            self.fired = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None

@@ -1,0 +1,148 @@
+"""WebSocket upgrades (SPEC §7): routed like any request, then relayed frame by frame both
+ways until one side closes; close codes and reasons pass through."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from proxy.errors import ProxyError, UpstreamConnectError, problem
+from proxy.headers import upstream_request_headers
+from proxy.logs import AccessLog
+from proxy.outcome import Outcome
+from proxy.request import Request, Send
+from proxy.routing import host_of, normalize, strip_prefix
+from proxy.runtime import Runtime
+
+# Negotiated by each hop on its own; the upstream client sets its own.
+_HANDSHAKE = frozenset(
+    {
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+        b"sec-websocket-protocol",
+        b"sec-websocket-accept",
+    }
+)
+
+
+async def handle(
+    rt: Runtime, scope: dict[str, Any], receive: Any, send: Send, log: AccessLog
+) -> None:
+    req = Request({**scope, "method": "GET"}, receive, rt.trusted)
+    o = Outcome(req.request_id, "GET", req.raw_path.decode("latin-1"), req.started)
+    o.client_ip = req.peer
+    try:
+        await _relay(rt, req, scope, receive, send, o)
+    except ProxyError as err:
+        o.status, o.error = err.status, err.detail
+        await _refuse(scope, send, err, o)
+    finally:
+        o.duration = time.monotonic() - req.started
+        rt.metrics.record(o)
+        log.log(o)
+
+
+async def _relay(
+    rt: Runtime, req: Request, scope: dict[str, Any], receive: Any, send: Send, o: Outcome
+) -> None:
+    path = normalize(req.raw_path)
+    state = rt.router.match(path, "GET", host_of(req.host), req.header)
+    o.route = state.name
+    if state.strip_prefix:
+        path = strip_prefix(path, state.strip_prefix)
+    choice = state.chooser.choose(state.split, req)
+    o.backend = choice.backend
+    upstream = rt.upstreams[choice.backend]
+    headers = upstream_request_headers(
+        [(k, v) for k, v in req.headers if k not in _HANDSHAKE],
+        peer=req.peer,
+        scheme="https" if scope.get("scheme") == "wss" else "http",
+        peer_is_trusted=req.peer_is_trusted,
+        request_id=req.request_id,
+        host=upstream.host_header,
+    )
+    url = URL(
+        upstream.origin.replace("http", "ws", 1) + upstream.target(path, req.query), encoded=True
+    )
+    session = upstream._client()
+    try:
+        ws = await session.ws_connect(
+            url,
+            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
+            protocols=tuple(scope.get("subprotocols") or ()),
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=state.timeouts.read),
+            autoping=True,
+            max_msg_size=0,
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        raise _HandshakeRefused(exc.status) from exc
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise UpstreamConnectError(f"cannot open a WebSocket to {choice.backend}: {exc}") from exc
+    async with ws:
+        await send({"type": "websocket.accept", "subprotocol": ws.protocol})
+        o.status = 101
+        await _pump(ws, receive, send)
+
+
+class _HandshakeRefused(ProxyError):
+    status = 502
+    title = "Backend refused the WebSocket"
+
+    def __init__(self, upstream_status: int) -> None:
+        super().__init__(f"the backend answered the upgrade with {upstream_status}")
+        if 400 <= upstream_status < 600:
+            self.status = upstream_status
+
+
+async def _pump(ws: aiohttp.ClientWebSocketResponse, receive: Any, send: Send) -> None:
+    to_upstream = asyncio.ensure_future(_client_to_upstream(ws, receive))
+    try:
+        while True:
+            msg = await ws.receive()
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await send({"type": "websocket.send", "text": msg.data})
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await send({"type": "websocket.send", "bytes": msg.data})
+            else:
+                break
+        if not to_upstream.done():
+            code, reason = 1011, ""
+            if msg.type == aiohttp.WSMsgType.CLOSE:
+                code, reason = msg.data or 1000, msg.extra or ""
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": code, "reason": reason})
+    finally:
+        to_upstream.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await to_upstream
+
+
+async def _client_to_upstream(ws: aiohttp.ClientWebSocketResponse, receive: Any) -> None:
+    while True:
+        message = await receive()
+        kind = message["type"]
+        if kind == "websocket.receive":
+            if message.get("text") is not None:
+                await ws.send_str(message["text"])
+            elif message.get("bytes") is not None:
+                await ws.send_bytes(message["bytes"])
+        elif kind == "websocket.disconnect":
+            reason = (message.get("reason") or "").encode()
+            await ws.close(code=message.get("code", 1000) or 1000, message=reason)
+            return
+
+
+async def _refuse(scope: dict[str, Any], send: Send, err: ProxyError, o: Outcome) -> None:
+    """Before the upgrade: an HTTP answer where the server lets us, else a close."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        status, headers, body = problem(err, route=o.route, request_id=o.request_id)
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1011})
