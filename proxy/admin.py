@@ -22,7 +22,8 @@ from starlette.routing import Route
 class Control(Protocol):
     """What the admin port needs of the data plane."""
 
-    token_env: str
+    @property
+    def token_env(self) -> str: ...
 
     def is_ready(self) -> bool: ...
 

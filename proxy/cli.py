@@ -103,6 +103,11 @@ def _load_or_report(path: Path) -> object:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.workers > 1:
+        # Workers aggregate metrics through files: set before prometheus_client is imported.
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="strangler-metrics-")
     from proxy.config import Config
     from proxy.server import Options, run
 

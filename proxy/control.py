@@ -1,16 +1,17 @@
-"""The admin port's view of an in-process data plane (one worker)."""
+"""What the admin port reads and steers: the runtime model (config and overrides) held by
+this process, and the live state reported by the data plane (this process, or the workers
+through the supervisor)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
-
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.app import Holder
 from proxy.explain import explain
 from proxy.reload import Reloader
 from proxy.runtime import Runtime
+from proxy.status import merge, render
 
 
 def check_split(weights: object, rt: Runtime) -> dict[str, int]:
@@ -31,26 +32,35 @@ def check_split(weights: object, rt: Runtime) -> dict[str, int]:
     return clean
 
 
-class LocalControl:
-    def __init__(self, holder: Holder, reloader: Reloader, registry: CollectorRegistry) -> None:
+class AdminControl:
+    def __init__(
+        self,
+        holder: Holder,
+        reloader: Reloader,
+        *,
+        snapshots: Callable[[], list[dict[str, Any]]],
+        metrics: Callable[[], tuple[bytes, str]],
+        ready: Callable[[], bool],
+    ) -> None:
         self.holder = holder
         self.reloader = reloader
-        self.registry = registry
+        self._snapshots = snapshots
+        self._metrics = metrics
+        self._ready = ready
 
     @property
     def token_env(self) -> str:
         return self.holder.current.config.admin.token_env
 
     def is_ready(self) -> bool:
-        return self.holder.ready and not self.holder.draining
+        return self._ready()
 
     def metrics(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return self._metrics()
 
     def routes(self) -> dict[str, Any]:
-        from proxy.status import routes_view
-
-        return routes_view(self.holder.current, self.reloader.last.as_dict())
+        merged = merge(self._snapshots())
+        return render(self.holder.current, merged, self.reloader.last.as_dict())
 
     def explain(self, method: str, url: str, headers: list[tuple[str, str]]) -> dict[str, Any]:
         return explain(self.holder.current, method, url, headers)

@@ -24,7 +24,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Expect is answered by our own server (100-continue); the backend gets a plain request.
-_NOT_FORWARDED = HOP_BY_HOP | {b"expect", b"x-request-id", b"proxy"}
+# A client may not pass itself off as shadow traffic.
+_NOT_FORWARDED = HOP_BY_HOP | {b"expect", b"x-request-id", b"proxy", b"x-strangler-shadow"}
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -55,10 +56,9 @@ def upstream_request_headers(
     scheme: str,
     peer_is_trusted: bool,
     request_id: str,
-    host: bytes | None,
 ) -> Headers:
-    """What the backend receives: the client's headers less hop-by-hop ones, Host rewritten
-    to `host` unless it is None (preserve_host), X-Forwarded-* and X-Request-ID set."""
+    """What the backend receives, Host aside (it depends on the backend: see `with_host`):
+    the client's headers less hop-by-hop ones, X-Forwarded-* and X-Request-ID set."""
     headers = list(headers)
     named = connection_tokens(headers)
     out: Headers = []
@@ -80,16 +80,18 @@ def upstream_request_headers(
     if not peer_is_trusted:
         proto, forwarded_host = None, None
     forwarded_for.append(peer.encode())
-    head: Headers = []
-    target_host = host if host is not None else client_host
-    if target_host is not None:
-        head.append((b"host", target_host))
-    head.append((b"x-forwarded-for", b", ".join(forwarded_for)))
+    head: Headers = [(b"x-forwarded-for", b", ".join(forwarded_for))]
     head.append((b"x-forwarded-proto", proto or scheme.encode()))
     if forwarded_host or client_host:
         head.append((b"x-forwarded-host", forwarded_host or client_host or b""))
     head.append((b"x-request-id", request_id.encode()))
     return head + out
+
+
+def with_host(headers: Headers, host: bytes | None, client_host: bytes | None) -> Headers:
+    """Host first: the backend's own (`host`), or the client's when the backend preserves it."""
+    chosen = host if host is not None else client_host
+    return [(b"host", chosen), *headers] if chosen is not None else headers
 
 
 def downstream_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Headers:

@@ -510,7 +510,7 @@ def _sticky(sticky: Sticky | None) -> str:
 
 
 def _effective(own: M | None, base: M) -> M:
-    return base if own is None else cast(M, own.merged_over(base))
+    return base if own is None else own.merged_over(base)
 
 
 def _policies(config: Config, route: Route | None) -> list[str]:

@@ -22,18 +22,22 @@ from proxy.errors import (
     UpstreamStatusError,
     problem,
 )
-from proxy.forward import Body, UpstreamResponse
-from proxy.headers import Headers, upstream_request_headers
+from proxy.forward import Body, Timeouts, UpstreamResponse
+from proxy.headers import Headers, upstream_request_headers, with_host
 from proxy.logs import AccessLog
 from proxy.outcome import Outcome
 from proxy.request import DisconnectWatch, Request, RequestBody, Send
 from proxy.retry import backoff, is_replayable
 from proxy.routing import host_of, normalize, strip_prefix
 from proxy.runtime import RouteState, Runtime
+from proxy.shadow import Captured, Mirror, ShadowPolicy
 from proxy.split import Choice
 
 REPLAY_LIMIT = 64 * 1024  # bodies up to this size are held for retries and fallback
 SMALL_RESPONSE = 64 * 1024  # answers with a Content-Length up to this go out in one write
+# Our server can only frame an unknown-length body as chunked, which HTTP/1.0 clients do not
+# read: for them such a body is held (up to this size) and sent with a Content-Length.
+HTTP10_BUFFER = 16 * 1024 * 1024
 
 
 class AbortResponse(Exception):
@@ -46,7 +50,7 @@ class AbortResponse(Exception):
 class _Exchange:
     """The state of one request as it moves through the steps."""
 
-    __slots__ = ("rt", "req", "send", "watch", "outcome", "started_response", "body")
+    __slots__ = ("rt", "req", "send", "watch", "outcome", "started_response", "body", "mirror")
 
     def __init__(
         self, rt: Runtime, req: Request, send: Send, watch: DisconnectWatch, outcome: Outcome
@@ -58,6 +62,7 @@ class _Exchange:
         self.outcome = outcome
         self.started_response = False
         self.body: RequestBody | None = None
+        self.mirror: tuple[ShadowPolicy, Mirror, str] | None = None
 
 
 async def handle(
@@ -114,10 +119,10 @@ async def _exchange(ex: _Exchange, state: RouteState, choice: Choice, path: str)
         scheme=req.scheme,
         peer_is_trusted=req.peer_is_trusted,
         request_id=req.request_id,
-        host=None,
     )
     deadline = time.monotonic() + state.timeouts.total
     state.budget.record_request()
+    ex.mirror = _mirror_of(state, req, body, held, path, headers)
     backend = choice.backend
     try:
         resp = await _attempts(ex, state, backend, path, headers, body, replayable, deadline)
@@ -142,6 +147,34 @@ async def _exchange(ex: _Exchange, state: RouteState, choice: Choice, path: str)
             ex.outcome.backend = backend
             raise
     await _relay(ex, resp, backend, choice)
+
+
+def _mirror_of(
+    state: RouteState, req: Request, body: Body, held: bool, path: str, headers: Headers
+) -> tuple[ShadowPolicy, Mirror, str] | None:
+    """The copy to send to the route's shadow once the primary answered, if any."""
+    shadow = state.shadow
+    if shadow is None:
+        return None
+    size = (len(body) if isinstance(body, bytes) else 0) if held else None
+    if not shadow.wants(req.method, size):
+        return None
+    payload = body if isinstance(body, bytes) else None
+    return shadow, Mirror(req.method, "", headers, payload, req.request_id), path
+
+
+def _send_mirror(ex: _Exchange, captured: Captured | None) -> None:
+    assert ex.mirror is not None
+    shadow, mirror, path = ex.mirror
+    upstream = ex.rt.upstreams.get(shadow.backend)
+    if upstream is None:
+        return
+    target = upstream.target(path, ex.req.query)
+    wire = with_host(list(mirror.headers), upstream.host_header, ex.req.header_bytes(b"host"))
+    request = Mirror(mirror.method, target, wire, mirror.body, mirror.request_id)
+    state = ex.rt.routes.get(shadow.route)
+    timeouts = state.timeouts if state is not None else Timeouts(1.0, 30.0, 60.0)
+    shadow.submit(upstream, request, captured, timeouts)
 
 
 def _may_fall_back(err: ProxyError, held: bool, replayable: bool) -> bool:
@@ -195,9 +228,7 @@ async def _attempts(
     retry = state.retry
     tries = retry.attempts if replayable else 1
     target = upstream.target(path, req.query)
-    wire = [(b"host", upstream.host_header), *headers] if upstream.host_header else headers
-    if upstream.host_header is None and req.header_bytes(b"host") is not None:
-        wire = [(b"host", req.header_bytes(b"host") or b""), *headers]
+    wire = with_host(headers, upstream.host_header, req.header_bytes(b"host"))
     error: ProxyError | None = None
     for attempt in range(1, tries + 1):
         if attempt > 1:
@@ -258,21 +289,33 @@ async def _relay(ex: _Exchange, resp: UpstreamResponse, backend: str, choice: Ch
     headers.append((b"x-request-id", ex.req.request_id.encode()))
     if choice.set_cookie is not None:
         headers.append((b"set-cookie", choice.set_cookie))
+    limit = ex.mirror[0].capture_limit if ex.mirror is not None else 0
+    kept: list[bytes] | None = [] if limit else None
     try:
         bodyless = ex.req.method == "HEAD" or resp.status in (204, 304) or resp.status < 200
-        if bodyless or _small_length(headers):
-            body = b"" if bodyless else await resp.read(SMALL_RESPONSE)
+        length = _content_length(headers)
+        held = ex.req.http_version == "1.0" and length is None
+        if bodyless or held or (length is not None and length <= SMALL_RESPONSE):
+            body = b"" if bodyless else await resp.read(HTTP10_BUFFER if held else SMALL_RESPONSE)
+            if held and not bodyless:
+                headers.append((b"content-length", str(len(body)).encode()))
             ex.watch.stop()
             await _start(ex, resp.status, headers)
             await send({"type": "http.response.body", "body": body, "more_body": False})
             o.bytes_sent = len(body)
-            return
-        await _start(ex, resp.status, headers)
-        async for chunk in resp.chunks():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            o.bytes_sent += len(chunk)
-        ex.watch.stop()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            kept = [body] if kept is not None and len(body) <= limit else None
+        else:
+            await _start(ex, resp.status, headers)
+            async for chunk in resp.chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                o.bytes_sent += len(chunk)
+                if kept is not None:
+                    if o.bytes_sent <= limit:
+                        kept.append(chunk)
+                    else:
+                        kept = None
+            ex.watch.stop()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
     except UpstreamError as err:
         o.error = f"{err.reason}: {err.detail}"
         ex.rt.metrics.upstream_failure(o.route, backend, err.reason)
@@ -281,13 +324,16 @@ async def _relay(ex: _Exchange, resp: UpstreamResponse, backend: str, choice: Ch
         raise AbortResponse(o.error) from err
     finally:
         resp.close()
+    if ex.mirror is not None:
+        captured = None if kept is None else Captured(resp.status, headers, b"".join(kept))
+        _send_mirror(ex, captured)
 
 
-def _small_length(headers: Headers) -> bool:
+def _content_length(headers: Headers) -> int | None:
     for name, value in headers:
         if len(name) == 14 and name.lower() == b"content-length":
-            return value.isdigit() and int(value) <= SMALL_RESPONSE
-    return False
+            return int(value) if value.isdigit() else None
+    return None
 
 
 async def _start(ex: _Exchange, status: int, headers: Headers) -> None:

@@ -40,7 +40,8 @@ class Reloader:
     holder: Holder
     path: Path
     last: ReloadResult = field(default_factory=lambda: ReloadResult(time.time(), "success"))
-    on_swap: list[Callable[[Runtime], None]] = field(default_factory=list)
+    on_config: list[Callable[[Config, Runtime], None]] = field(default_factory=list)
+    on_split: list[Callable[[str, Mapping[str, int] | None], None]] = field(default_factory=list)
     _retiring: set[Upstream] = field(default_factory=set)
 
     def reload(self) -> ReloadResult:
@@ -60,19 +61,20 @@ class Reloader:
         return self.last
 
     def apply(self, config: Config) -> None:
+        """Make `config` current, keeping the state whose settings did not change."""
         old = self.holder.current
         new = build(config, old, old.metrics)
-        self._swap(new)
+        self.holder.current = new
         self._retire(retired_upstreams(old, new))
+        for callback in self.on_config:
+            callback(config, new)
 
     def set_split(self, route: str, weights: Mapping[str, int] | None) -> None:
-        self._swap(self.holder.current.with_split(route, weights))
+        """A live split override (None: back to the file's split), until the next reload."""
+        self.holder.current = self.holder.current.with_split(route, weights)
         event(log, "split override", route=route, split=dict(weights) if weights else None)
-
-    def _swap(self, runtime: Runtime) -> None:
-        self.holder.current = runtime
-        for callback in self.on_swap:
-            callback(runtime)
+        for callback in self.on_split:
+            callback(route, weights)
 
     def _retire(self, upstreams: list[Upstream]) -> None:
         for upstream in upstreams:

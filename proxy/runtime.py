@@ -24,6 +24,7 @@ from proxy.logs import event
 from proxy.metrics import Metrics
 from proxy.retry import RetryBudget, RetryOn
 from proxy.routing import Router, Rule, normalize_prefix
+from proxy.shadow import ShadowPolicy
 from proxy.split import Chooser, Split, Sticky
 
 log = logging.getLogger("strangler.runtime")
@@ -62,6 +63,7 @@ class RouteState:
     breakers: dict[str, Breaker]
     breaker_settings: tuple[int, float, int]
     on_breaker_change: Callable[[str, str, str], None] = field(repr=False)
+    shadow: ShadowPolicy | None = None
 
     @property
     def override(self) -> Mapping[str, int] | None:
@@ -90,6 +92,7 @@ class Runtime:
     trusted: TrustedProxies
     metrics: Metrics
     rng: random.Random
+    workers: int = 1
 
     @property
     def legacy(self) -> str:
@@ -107,13 +110,20 @@ class Runtime:
         return replace(self, routes=routes, router=router)
 
 
-def build(config: Config, previous: Runtime | None, metrics: Metrics) -> Runtime:
+def build(
+    config: Config, previous: Runtime | None, metrics: Metrics, *, workers: int = 1
+) -> Runtime:
+    """A snapshot for `config`. With several workers each enforces its share of a route's
+    bulkhead, so the route as a whole keeps to its configured limit."""
     upstreams = _upstreams(config, previous)
     routes: dict[str, RouteState] = {}
     old_routes = previous.routes if previous else {}
+    workers = previous.workers if previous else workers
     for route in config.routes:
-        routes[route.name] = _route_state(config, route, old_routes.get(route.name), metrics)
-    routes[DEFAULT_ROUTE] = _route_state(config, None, old_routes.get(DEFAULT_ROUTE), metrics)
+        old = old_routes.get(route.name)
+        routes[route.name] = _route_state(config, route, old, metrics, workers)
+    old = old_routes.get(DEFAULT_ROUTE)
+    routes[DEFAULT_ROUTE] = _route_state(config, None, old, metrics, workers)
     router = Router.build(_rules(config, routes), routes[DEFAULT_ROUTE])
     _publish(config, routes, metrics)
     return Runtime(
@@ -124,6 +134,7 @@ def build(config: Config, previous: Runtime | None, metrics: Metrics) -> Runtime
         trusted=TrustedProxies(config.trusted_proxies),
         metrics=metrics,
         rng=previous.rng if previous else random.Random(),
+        workers=workers,
     )
 
 
@@ -167,7 +178,7 @@ def _upstreams(config: Config, previous: Runtime | None) -> dict[str, Upstream]:
 
 
 def _route_state(
-    config: Config, route: Route | None, old: RouteState | None, metrics: Metrics
+    config: Config, route: Route | None, old: RouteState | None, metrics: Metrics, workers: int
 ) -> RouteState:
     d = config.defaults
     name = route.name if route else DEFAULT_ROUTE
@@ -180,8 +191,8 @@ def _route_state(
     sticky = route.sticky if route else None
 
     bulk = Bulkhead(
-        bulkhead.max_concurrent,
-        bulkhead.max_queue,
+        -(-bulkhead.max_concurrent // workers),
+        -(-bulkhead.max_queue // workers),
         bulkhead.queue_timeout,
         on_change=lambda n: metrics.set_in_flight(name, n),
     )
@@ -201,6 +212,7 @@ def _route_state(
         level = logging.WARNING if after == "open" else logging.INFO
         event(log, "breaker state changed", level, route=name, backend=backend, state=after)
 
+    shadow = _shadow_policy(name, route, old, metrics)
     state = RouteState(
         name=name,
         config=route,
@@ -220,10 +232,39 @@ def _route_state(
         breakers=breakers,
         breaker_settings=breaker_settings,
         on_breaker_change=on_breaker_change,
+        shadow=shadow,
     )
     for backend in (*split.order, *([state.fallback] if state.fallback else [])):
         metrics.set_breaker_state(name, backend, state.breaker(backend).state)
     return state
+
+
+SHADOW_PENDING = 50  # copies in flight per route, at most
+SHADOW_CAPTURE = 256 * 1024  # primary and shadow bodies kept for comparison, at most
+
+
+def _shadow_policy(
+    name: str, route: Route | None, old: RouteState | None, metrics: Metrics
+) -> ShadowPolicy | None:
+    if route is None or route.shadow is None:
+        return None
+    cfg = route.shadow
+    policy = ShadowPolicy(
+        route=name,
+        backend=cfg.backend,
+        percent=cfg.percent,
+        methods=cfg.methods,
+        max_body=cfg.max_body,
+        compare=cfg.compare,
+        ignore=cfg.ignore,
+        compare_headers=cfg.compare_headers,
+        on_result=lambda backend, result: metrics.shadow_result(name, backend, result),
+        max_pending=SHADOW_PENDING,
+        capture_limit=SHADOW_CAPTURE,
+    )
+    if old is not None and old.shadow is not None and old.shadow.settings == policy.settings:
+        return old.shadow
+    return policy
 
 
 def _publish(config: Config, routes: Mapping[str, RouteState], metrics: Metrics) -> None:

@@ -12,25 +12,27 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 import uvloop
-from prometheus_client import REGISTRY
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from proxy import logs
 from proxy.admin import create_admin
 from proxy.app import Holder, ProxyApp
 from proxy.config import Config
-from proxy.control import LocalControl
+from proxy.control import AdminControl
 from proxy.forward import close_all
+from proxy.health import HealthChecks
 from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics
 from proxy.reload import FileWatch, Reloader
 from proxy.runtime import build
+from proxy.status import snapshot
 
 log = logging.getLogger("strangler.server")
 
@@ -72,7 +74,7 @@ def main_server_config(app: Any, config: Config) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         http="httptools",
-        ws="websockets",
+        ws="websockets-sansio",
         lifespan="off",
         loop="none",
         access_log=False,
@@ -104,67 +106,91 @@ def listening(sock: socket.socket) -> str:
     return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
 
 
+class DataPlane:
+    """The proxy of one process: its runtime holder, main server and health checks."""
+
+    def __init__(self, config: Config, opts: Options, access_log: AccessLog, metrics: Metrics):
+        self.holder = Holder(build(config, None, metrics, workers=opts.workers))
+        self.reloader = Reloader(self.holder, opts.config_path)
+        self.health = HealthChecks(metrics.set_backend_up)
+        self.reloader.on_config.append(lambda cfg, rt: self.health.update(cfg, rt.upstreams))
+        self.main = _Server(main_server_config(ProxyApp(self.holder, access_log), config))
+        self.stopping = asyncio.Event()
+
+    def snapshot(self) -> dict[str, Any]:
+        return snapshot(self.holder.current, self.holder.ready, self.health.status)
+
+    def drain(self, reason: str) -> None:
+        if self.stopping.is_set():
+            self.main.force_exit = True
+            return
+        self.stopping.set()
+        self.holder.draining = True
+        grace = self.holder.current.config.shutdown_grace
+        event(log, "draining", reason=reason, grace=grace)
+        self.main.should_exit = True
+
+    async def run(self, sock: socket.socket, on_ready: Callable[[], None]) -> None:
+        self.health.update(self.holder.current.config, self.holder.current.upstreams)
+        task = asyncio.ensure_future(self.main.serve(sockets=[sock]))
+        while not self.main.started and not task.done():
+            await asyncio.sleep(0.01)
+        self.holder.ready = True
+        on_ready()
+        await task
+        self.health.stop()
+        await close_shadows(self.holder.current)
+        await close_all(self.holder.current.upstreams.values())
+
+
+async def close_shadows(rt: Any) -> None:
+    for state in rt.routes.values():
+        if state.shadow is not None:
+            await state.shadow.close()
+
+
 async def serve(config: Config, opts: Options, access_log: AccessLog, metrics: Metrics) -> int:
     """One process: main port, admin port, reloads; returns the exit code."""
-    holder = Holder(build(config, None, metrics))
-    reloader = Reloader(holder, opts.config_path)
+    plane = DataPlane(config, opts, access_log, metrics)
     try:
         main_sock = bind(opts.host, opts.port)
         admin_sock = bind(opts.admin_host, opts.admin_port)
     except OSError as err:
         event(log, "cannot listen", logging.ERROR, error=str(err))
         return 1
-    main = _Server(main_server_config(ProxyApp(holder, access_log), config))
-    control = LocalControl(holder, reloader, metrics.registry)
+    control = AdminControl(
+        plane.holder,
+        plane.reloader,
+        snapshots=lambda: [plane.snapshot()],
+        metrics=lambda: (generate_latest(metrics.registry), CONTENT_TYPE_LATEST),
+        ready=lambda: plane.holder.ready and not plane.holder.draining,
+    )
     admin = _Server(admin_server_config(create_admin(control)))
-    stopping = asyncio.Event()
-    _install_signals(holder, main, stopping, reloader)
-    watch = FileWatch(opts.config_path, reloader.reload, opts.watch_interval)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, plane.drain, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, plane.reloader.reload)
+    watch = FileWatch(opts.config_path, plane.reloader.reload, opts.watch_interval)
     watch_task = asyncio.ensure_future(watch.run())
     admin_task = asyncio.ensure_future(admin.serve(sockets=[admin_sock]))
-    main_task = asyncio.ensure_future(main.serve(sockets=[main_sock]))
-    await _started(main, main_task)
-    holder.ready = True
-    event(
-        log,
-        "strangler is serving",
-        proxy=listening(main_sock),
-        admin=listening(admin_sock),
-        routes=len(config.routes),
-        config=str(opts.config_path),
-    )
-    await main_task
+
+    def announce() -> None:
+        event(
+            log,
+            "strangler is serving",
+            proxy=listening(main_sock),
+            admin=listening(admin_sock),
+            routes=len(config.routes),
+            config=str(opts.config_path),
+            workers=1,
+        )
+
+    await plane.run(main_sock, announce)
     watch_task.cancel()
     admin.should_exit = True
     await admin_task
-    await close_all(holder.current.upstreams.values())
     event(log, "strangler stopped")
     return 0
-
-
-async def _started(server: uvicorn.Server, task: asyncio.Future[Any]) -> None:
-    while not server.started and not task.done():
-        await asyncio.sleep(0.01)
-
-
-def _install_signals(
-    holder: Holder, main: uvicorn.Server, stopping: asyncio.Event, reloader: Reloader
-) -> None:
-    loop = asyncio.get_running_loop()
-
-    def drain(sig: signal.Signals) -> None:
-        if stopping.is_set():
-            if sig == signal.SIGINT:
-                main.force_exit = True
-            return
-        stopping.set()
-        holder.draining = True
-        event(log, "draining", signal=sig.name, grace=holder.current.config.shutdown_grace)
-        main.should_exit = True
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, drain, sig)
-    loop.add_signal_handler(signal.SIGHUP, reloader.reload)
 
 
 def run(config: Config, opts: Options) -> int:

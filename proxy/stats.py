@@ -49,21 +49,27 @@ class Series:
         b = _bucket_of(seconds)
         slot.latency[b] = slot.latency.get(b, 0) + 1
 
-    def summary(self) -> dict[str, float]:
+    def raw(self) -> tuple[int, int, dict[int, int]]:
+        """Requests, errors and the latency histogram of the live window: mergeable."""
         now = int(self._clock())
-        live = [s for s in self._ring if now - WINDOW < s.second <= now]
-        requests = sum(s.requests for s in live)
-        errors = sum(s.errors for s in live)
+        requests = errors = 0
         merged: dict[int, int] = {}
-        for s in live:
-            for b, n in s.latency.items():
-                merged[b] = merged.get(b, 0) + n
-        return {
-            "requests": requests,
-            "rps": round(requests / WINDOW, 3),
-            "error_rate": round(errors / requests, 4) if requests else 0.0,
-            "p95_ms": round(_quantile(merged, requests, 0.95) * 1000, 2),
-        }
+        for s in self._ring:
+            if now - WINDOW < s.second <= now:
+                requests += s.requests
+                errors += s.errors
+                for b, n in s.latency.items():
+                    merged[b] = merged.get(b, 0) + n
+        return requests, errors, merged
+
+
+def summarize(requests: int, errors: int, histogram: dict[int, int]) -> dict[str, float]:
+    return {
+        "requests": requests,
+        "rps": round(requests / WINDOW, 3),
+        "error_rate": round(errors / requests, 4) if requests else 0.0,
+        "p95_ms": round(_quantile(histogram, requests, 0.95) * 1000, 2),
+    }
 
 
 def _quantile(histogram: dict[int, int], total: int, q: float) -> float:
@@ -90,11 +96,11 @@ class Window:
             series = self._series[key] = Series(self._clock)
         series.add(status >= 500, seconds)
 
-    def summary(self, route: str, backend: str) -> dict[str, float]:
-        series = self._series.get((route, backend))
-        if series is None:
-            return {"requests": 0, "rps": 0.0, "error_rate": 0.0, "p95_ms": 0.0}
-        return series.summary()
-
-    def keys(self) -> list[tuple[str, str]]:
-        return list(self._series)
+    def raw(self) -> list[tuple[str, str, int, int, dict[int, int]]]:
+        """Each (route, backend) with its window's requests, errors and latency histogram."""
+        rows = []
+        for (route, backend), series in self._series.items():
+            requests, errors, histogram = series.raw()
+            if requests:
+                rows.append((route, backend, requests, errors, histogram))
+        return rows

@@ -12,7 +12,7 @@ import aiohttp
 from yarl import URL
 
 from proxy.errors import ProxyError, UpstreamConnectError, problem
-from proxy.headers import upstream_request_headers
+from proxy.headers import upstream_request_headers, with_host
 from proxy.logs import AccessLog
 from proxy.outcome import Outcome
 from proxy.request import Request, Send
@@ -65,8 +65,8 @@ async def _relay(
         scheme="https" if scope.get("scheme") == "wss" else "http",
         peer_is_trusted=req.peer_is_trusted,
         request_id=req.request_id,
-        host=upstream.host_header,
     )
+    headers = with_host(headers, upstream.host_header, req.header_bytes(b"host"))
     url = URL(
         upstream.origin.replace("http", "ws", 1) + upstream.target(path, req.query), encoded=True
     )
