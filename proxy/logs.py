@@ -162,6 +162,8 @@ def setup(fmt: str = "json", level: str = "info") -> tuple[LogSink, AccessLog]:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    # uvicorn's start/stop lines repeat ours, once per server: keep its warnings only.
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     return sink, AccessLog(sink, fmt)
 

@@ -46,9 +46,26 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 1
     return False
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def run_demo(app: str, host: str | None, port: int | None) -> int:
     if app != "all":
         return run_app(app, host, port)
+    for needed in (*DEFAULT_PORTS.values(), port or 8080, 9901):
+        if not _port_free(needed):
+            print(
+                f"strangler demo: port {needed} is in use (is a demo already running?)",
+                file=sys.stderr,
+            )
+            return 1
     env = {**os.environ}
     env.setdefault("STRANGLER_ADMIN_TOKEN", DEMO_TOKEN)
     python = [sys.executable, "-m", "proxy"]
