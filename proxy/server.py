@@ -30,6 +30,7 @@ from proxy.forward import close_all
 from proxy.health import HealthChecks
 from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics
+from proxy.protocol import guarded_protocol
 from proxy.reload import FileWatch, Reloader
 from proxy.runtime import build
 from proxy.status import snapshot
@@ -73,7 +74,7 @@ def main_server_config(app: Any, config: Config) -> uvicorn.Config:
     limits = config.limits
     return uvicorn.Config(
         app,
-        http="httptools",
+        http=guarded_protocol(limits),
         ws="websockets-sansio",
         lifespan="off",
         loop="none",
@@ -132,6 +133,8 @@ class DataPlane:
 
     async def run(self, sock: socket.socket, on_ready: Callable[[], None]) -> None:
         self.health.update(self.holder.current.config, self.holder.current.upstreams)
+        stores = self.holder.current.breaker_stores  # kept across reloads
+        stores.start()
         task = asyncio.ensure_future(self.main.serve(sockets=[sock]))
         while not self.main.started and not task.done():
             await asyncio.sleep(0.01)
@@ -139,6 +142,7 @@ class DataPlane:
         on_ready()
         await task
         self.health.stop()
+        await stores.close()
         await close_shadows(self.holder.current)
         await close_all(self.holder.current.upstreams.values())
 

@@ -1,0 +1,129 @@
+"""Hardening at the edge of the main port (config `limits`), with raw sockets against the
+real process: oversized request lines and heads, too many headers, slow heads, request
+smuggling shapes, and requests that would make strangler an open proxy."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Backends
+from tests.e2e.harness import ProxyProcess, raw_request
+
+LIMITS = (
+    "limits: {max_request_line: 200, max_header_bytes: 4096, max_headers: 20, header_timeout: 1}"
+)
+
+
+@pytest.fixture(scope="module")
+def edge(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    text = f"""
+version: 1
+legacy: monolith
+backends:
+  monolith: {{url: "{backends.monolith_url}"}}
+{LIMITS}
+"""
+    workdir: Path = tmp_path_factory.mktemp("edge")
+    with ProxyProcess(text, workdir) as p:
+        yield p
+
+
+def status_of(reply: bytes) -> int:
+    assert reply.startswith(b"HTTP/1.1 "), reply[:80]
+    return int(reply[9:12])
+
+
+def send(edge: ProxyProcess, data: bytes) -> bytes:
+    return raw_request(edge.port, data, timeout=5)
+
+
+def test_request_line_too_long_is_414(edge: ProxyProcess, b: Backends) -> None:
+    assert status_of(send(edge, b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: x\r\n\r\n")) == 414
+    assert b.monolith.requests == []
+
+
+def test_header_block_too_large_is_431(edge: ProxyProcess, b: Backends) -> None:
+    reply = send(edge, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n")
+    assert status_of(reply) == 431
+    assert b.monolith.requests == []
+
+
+def test_header_block_too_large_when_sent_in_pieces_is_431(edge: ProxyProcess, b: Backends) -> None:
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for i in range(200):
+                s.sendall(b"X-Piece-%03d: " % i + b"b" * 40 + b"\r\n")
+        except OSError:
+            pass
+        reply = s.recv(200)
+    assert status_of(reply) == 431
+
+
+def test_too_many_headers_is_431(edge: ProxyProcess, b: Backends) -> None:
+    headers = b"".join(b"X-%d: 1\r\n" % i for i in range(30))
+    assert status_of(send(edge, b"GET / HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")) == 431
+
+
+def test_slow_head_is_cut_off_with_408(edge: ProxyProcess, b: Backends) -> None:
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as s:
+        t0 = time.monotonic()
+        reply = b""
+        for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: abcdefghijklmnopqrstuvwxyz\r\n":
+            try:
+                s.send(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.05)
+        reply = s.recv(200)
+    assert status_of(reply) == 408
+    assert time.monotonic() - t0 < 4
+
+
+def test_idle_connection_without_a_request_is_closed(edge: ProxyProcess) -> None:
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as s:
+        t0 = time.monotonic()
+        assert s.recv(100) == b""
+    assert 0.5 < time.monotonic() - t0 < 4
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\tchunked\r\nTransfer-Encoding: x\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\n Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\nHost: x\nContent-Length: 0\n\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    ],
+)
+def test_ambiguous_framing_is_400_and_never_forwarded(
+    edge: ProxyProcess, b: Backends, request_bytes: bytes
+) -> None:
+    reply = send(edge, request_bytes)
+    assert status_of(reply) == 400
+    assert b"connection: close" in reply.lower()
+    assert b.monolith.requests == []
+
+
+def test_absolute_form_never_reaches_another_host(edge: ProxyProcess, b: Backends) -> None:
+    reply = send(
+        edge,
+        b"GET http://other.example/secret HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n",
+    )
+    assert status_of(reply) == 200
+    assert b.monolith.requests[-1]["path"] == "/secret"
