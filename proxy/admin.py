@@ -18,6 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy.page import page, static
+
 
 class Control(Protocol):
     """What the admin port needs of the data plane."""
@@ -120,6 +122,8 @@ def create_admin(control: Control) -> Starlette:
 
     return Starlette(
         routes=[
+            Route("/", page),
+            Route("/static/{name}", static),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),

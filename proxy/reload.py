@@ -30,16 +30,24 @@ class ReloadResult:
     time: float
     result: str  # "success" or "failure"
     errors: tuple[str, ...] = ()
+    initial: bool = False  # the config loaded at start, not a reload
 
     def as_dict(self) -> dict[str, object]:
-        return {"time": self.time, "result": self.result, "errors": list(self.errors)}
+        return {
+            "time": self.time,
+            "result": self.result,
+            "errors": list(self.errors),
+            "initial": self.initial,
+        }
 
 
 @dataclass
 class Reloader:
     holder: Holder
     path: Path
-    last: ReloadResult = field(default_factory=lambda: ReloadResult(time.time(), "success"))
+    last: ReloadResult = field(
+        default_factory=lambda: ReloadResult(time.time(), "success", initial=True)
+    )
     on_config: list[Callable[[Config, Runtime], None]] = field(default_factory=list)
     on_split: list[Callable[[str, Mapping[str, int] | None], None]] = field(default_factory=list)
     _retiring: set[Upstream] = field(default_factory=set)

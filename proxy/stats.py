@@ -63,10 +63,13 @@ class Series:
         return requests, errors, merged
 
 
-def summarize(requests: int, errors: int, histogram: dict[int, int]) -> dict[str, float]:
+def summarize(
+    requests: int, errors: int, histogram: dict[int, int], span: float = WINDOW
+) -> dict[str, float]:
+    """Rates over `span` seconds: the window, or less while the process is younger."""
     return {
         "requests": requests,
-        "rps": round(requests / WINDOW, 3),
+        "rps": round(requests / max(1.0, min(span, WINDOW)), 3),
         "error_rate": round(errors / requests, 4) if requests else 0.0,
         "p95_ms": round(_quantile(histogram, requests, 0.95) * 1000, 2),
     }
@@ -88,6 +91,12 @@ class Window:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._series: dict[tuple[str, str], Series] = {}
+        self._started = clock()
+
+    @property
+    def span(self) -> float:
+        """Seconds the window covers: its full length, or the time since it started."""
+        return min(float(WINDOW), self._clock() - self._started)
 
     def add(self, route: str, backend: str, status: int, seconds: float) -> None:
         key = (route, backend)

@@ -14,6 +14,7 @@ from proxy.runtime import RouteState, Runtime
 from proxy.stats import summarize
 
 SEVERITY = {"closed": 0, "half-open": 1, "open": 2}
+RECENT_SHOWN = 20  # mismatches per route in /api/routes; the policy keeps 100
 
 
 def snapshot(rt: Runtime, ready: bool, health: Mapping[str, bool]) -> dict[str, Any]:
@@ -25,6 +26,7 @@ def snapshot(rt: Runtime, ready: bool, health: Mapping[str, bool]) -> dict[str, 
                 "in_flight": state.bulkhead.in_flight,
                 "queued": state.bulkhead.queued,
                 "max_concurrent": state.bulkhead.max_concurrent,
+                "max_queue": state.bulkhead.max_queue,
             },
             "shadow": _shadow_snapshot(state),
         }
@@ -32,6 +34,7 @@ def snapshot(rt: Runtime, ready: bool, health: Mapping[str, bool]) -> dict[str, 
         "ready": ready,
         "routes": routes,
         "window": rt.metrics.window.raw(),
+        "span": rt.metrics.window.span,
         "health": dict(health),
     }
 
@@ -60,6 +63,7 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     routes: dict[str, Any] = {}
     window: dict[tuple[str, str], list[Any]] = {}
     health: dict[str, bool | None] = {}
+    span = max((snap.get("span", 60.0) for snap in snapshots), default=60.0)
     for snap in snapshots:
         for name, route in snap["routes"].items():
             _merge_route(routes.setdefault(name, _empty_route()), route)
@@ -74,14 +78,14 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     for route in routes.values():
         if route["shadow"] is not None:
             recent = sorted(route["shadow"]["recent_mismatches"], key=lambda m: -m["time"])
-            route["shadow"]["recent_mismatches"] = recent[:100]
-    return {"routes": routes, "window": window, "health": health}
+            route["shadow"]["recent_mismatches"] = recent[:RECENT_SHOWN]
+    return {"routes": routes, "window": window, "health": health, "span": span}
 
 
 def _empty_route() -> dict[str, Any]:
     return {
         "breakers": {},
-        "bulkhead": {"in_flight": 0, "queued": 0, "max_concurrent": 0},
+        "bulkhead": {"in_flight": 0, "queued": 0, "max_concurrent": 0, "max_queue": 0},
         "shadow": None,
     }
 
@@ -90,17 +94,17 @@ def _merge_route(into: dict[str, Any], route: dict[str, Any]) -> None:
     for backend, state in route["breakers"].items():
         known = into["breakers"].get(backend, "closed")
         into["breakers"][backend] = max(known, state, key=SEVERITY.__getitem__)
-    for key in ("in_flight", "queued", "max_concurrent"):
+    for key in ("in_flight", "queued", "max_concurrent", "max_queue"):
         into["bulkhead"][key] += route["bulkhead"][key]
     shadow = route["shadow"]
     if shadow is not None:
         mine = into["shadow"] or {
+            **shadow,
             "match": 0,
             "mismatch": 0,
             "error": 0,
             "dropped": 0,
             "recent_mismatches": [],
-            "backend": shadow["backend"],
         }
         for key in ("match", "mismatch", "error", "dropped"):
             mine[key] += shadow.get(key, 0)
@@ -126,7 +130,7 @@ def _route_view(state: RouteState, merged: dict[str, Any]) -> dict[str, Any]:
         requests, errors, histogram = merged["window"].get((state.name, backend), (0, 0, {}))
         backends[backend] = {
             "breaker": live["breakers"].get(backend, "closed"),
-            **summarize(requests, errors, histogram),
+            **summarize(requests, errors, histogram, merged.get("span", 60.0)),
             "up": merged["health"].get(backend),
         }
     view: dict[str, Any] = {
@@ -135,6 +139,7 @@ def _route_view(state: RouteState, merged: dict[str, Any]) -> dict[str, Any]:
         if state.config
         else {"prefix": "/"},
         "split": dict(state.split.weights),
+        "configured_split": dict(state.base_split.weights),
         "override": dict(state.override) if state.override is not None else None,
         "backends": backends,
         "bulkhead": live["bulkhead"],
@@ -146,10 +151,13 @@ def _route_view(state: RouteState, merged: dict[str, Any]) -> dict[str, Any]:
 
 
 def migrated_share(window: dict[tuple[str, str], list[Any]], legacy: str) -> float:
-    """The share of the last minute's requests answered by backends other than legacy."""
+    """The share of the last minute's answered requests that new services answered (requests
+    refused before a backend was chosen count for neither side)."""
     total = migrated = 0
     for (_, backend), (requests, _, _) in window.items():
+        if backend == "none":
+            continue
         total += requests
-        if backend not in (legacy, "none"):
+        if backend != legacy:
             migrated += requests
     return round(migrated / total, 4) if total else 0.0
