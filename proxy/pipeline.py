@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
+from proxy.breaker import CLOSED, Breaker, Ticket
 from proxy.errors import (
+    BodyTooLarge,
     BulkheadFull,
     CircuitOpen,
     ClientGone,
@@ -50,7 +51,17 @@ class AbortResponse(Exception):
 class _Exchange:
     """The state of one request as it moves through the steps."""
 
-    __slots__ = ("rt", "req", "send", "watch", "outcome", "started_response", "body", "mirror")
+    __slots__ = (
+        "rt",
+        "req",
+        "send",
+        "watch",
+        "outcome",
+        "started_response",
+        "body",
+        "mirror",
+        "choice",
+    )
 
     def __init__(
         self, rt: Runtime, req: Request, send: Send, watch: DisconnectWatch, outcome: Outcome
@@ -63,6 +74,7 @@ class _Exchange:
         self.started_response = False
         self.body: RequestBody | None = None
         self.mirror: tuple[ShadowPolicy, Mirror, str] | None = None
+        self.choice: Choice | None = None
 
 
 async def handle(
@@ -75,8 +87,10 @@ async def handle(
         route = o.route = "none"
         state, path = _match(rt, req)
         o.route = route = state.name
-        choice = state.chooser.choose(state.split, req)
+        choice = ex.choice = state.chooser.choose(state.split, req)
         o.bucket = choice.bucket
+        if not req.has_body:
+            watch.start()  # a client that leaves while queued gives its place up
         try:
             async with state.bulkhead.slot():
                 await _exchange(ex, state, choice, path)
@@ -128,7 +142,12 @@ async def _exchange(ex: _Exchange, state: RouteState, choice: Choice, path: str)
         resp = await _attempts(ex, state, backend, path, headers, body, replayable, deadline)
     except (CircuitOpen, UpstreamError) as err:
         fallback = state.fallback
-        if fallback is None or fallback == backend or not _may_fall_back(err, held, replayable):
+        if (
+            fallback is None
+            or fallback == backend
+            or not _may_fall_back(err, held, replayable)
+            or time.monotonic() >= deadline
+        ):
             if isinstance(err, UpstreamStatusError) and err.response is not None:
                 await _relay(ex, err.response, backend, choice)
                 return
@@ -179,7 +198,8 @@ def _send_mirror(ex: _Exchange, captured: Captured | None) -> None:
 
 def _may_fall_back(err: ProxyError, held: bool, replayable: bool) -> bool:
     """An open breaker sent nothing; a connect error sent nothing either, if the body is in
-    hand to send again. Any other failure may have reached the backend: replay-safe only."""
+    hand to send again. Any other failure may have reached the backend: replay-safe only.
+    (The caller also refuses once the total timeout is spent: the fallback is an attempt.)"""
     if isinstance(err, CircuitOpen):
         return True
     if isinstance(err, UpstreamConnectError):
@@ -200,14 +220,13 @@ async def _read_body(ex: _Exchange, state: RouteState) -> tuple[Body, bool]:
         return None, True
     body = ex.body = RequestBody(req.receive, limit, on_complete=ex.watch.start)
     head = await body.read_up_to(REPLAY_LIMIT)
-    if body.complete:
+    if body.complete and len(head) <= REPLAY_LIMIT:
         return head, True
+    # Larger bodies are not held even when their last piece is already in: not retried.
     return body.stream(head), False
 
 
 def raise_too_large(limit: int) -> None:
-    from proxy.errors import BodyTooLarge
-
     raise BodyTooLarge(f"the request body is larger than {limit} bytes")
 
 
@@ -225,24 +244,15 @@ async def _attempts(
     rt, req, o = ex.rt, ex.req, ex.outcome
     upstream = rt.upstreams[backend]
     breaker = state.breaker(backend)
-    retry = state.retry
-    tries = retry.attempts if replayable else 1
+    tries = state.retry.attempts if replayable else 1
     target = upstream.target(path, req.query)
     wire = with_host(headers, upstream.host_header, req.header_bytes(b"host"))
-    error: ProxyError | None = None
     for attempt in range(1, tries + 1):
-        if attempt > 1:
-            delay = backoff(attempt - 1, base=retry.backoff, cap=retry.max_backoff, rng=rt.rng)
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            rt.metrics.retry(state.name, backend)
-        ticket = breaker.try_acquire()
-        if ticket is None:
-            rt.metrics.breaker_rejection(state.name, backend)
-            o.backend = backend
-            raise CircuitOpen(
-                f"the circuit breaker for {backend} is open", retry_after=breaker.retry_after()
-            )
+        ticket = _admit(ex, state, backend, breaker)
         o.attempts += 1
+        if attempt > 1:
+            rt.metrics.retry(state.name, backend)
+        failure: UpstreamError
         try:
             resp = await upstream.send(
                 req.method,
@@ -256,28 +266,53 @@ async def _attempts(
         except UpstreamError as exc:
             breaker.record_failure(ticket)
             rt.metrics.upstream_failure(state.name, backend, exc.reason)
-            error = exc
-            if attempt < tries and exc.reason in retry.on and _may_retry(state, deadline):
-                continue
-            raise
+            cause: str | int = exc.reason
+            failure = exc
         except BaseException:
-            breaker.release(ticket)
+            breaker.release(ticket)  # the client went away: not the backend's failure
             raise
-        if resp.status < 500:
-            breaker.record_success(ticket)
-            return resp
-        breaker.record_failure(ticket)
-        rt.metrics.upstream_failure(state.name, backend, "status")
-        if attempt < tries and resp.status in retry.on and _may_retry(state, deadline):
+        else:
+            if resp.status < 500:
+                breaker.record_success(ticket)
+                return resp
+            breaker.record_failure(ticket)
+            rt.metrics.upstream_failure(state.name, backend, "status")
+            cause, failure = resp.status, UpstreamStatusError(resp.status, resp)
+        retried = attempt < tries and cause in state.retry.on
+        delay = _retry_delay(ex, state, breaker, attempt, deadline) if retried else None
+        if delay is None:
+            raise failure
+        if isinstance(failure, UpstreamStatusError):
             resp.close()
-            continue
-        raise UpstreamStatusError(resp.status, resp)
-    assert error is not None  # the loop either returns, raises or has an error
-    raise error
+        await asyncio.sleep(delay)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _may_retry(state: RouteState, deadline: float) -> bool:
-    return time.monotonic() < deadline and state.budget.try_spend()
+def _admit(ex: _Exchange, state: RouteState, backend: str, breaker: Breaker) -> Ticket:
+    """The breaker's leave for one attempt; CircuitOpen, counted, when it refuses."""
+    ticket = breaker.try_acquire()
+    if ticket is None:
+        ex.rt.metrics.breaker_rejection(state.name, backend)
+        ex.outcome.backend = backend
+        raise CircuitOpen(
+            f"the circuit breaker for {backend} is open", retry_after=breaker.retry_after()
+        )
+    return ticket
+
+
+def _retry_delay(
+    ex: _Exchange, state: RouteState, breaker: Breaker, attempt: int, deadline: float
+) -> float | None:
+    """The pause before retry number `attempt`, or None when there is to be no retry: the
+    breaker is no longer closed (nothing goes to an open one, and the half-open trial is one
+    request), the pause would outlast the total timeout, or the budget is spent."""
+    if breaker.state != CLOSED:
+        return None
+    retry = state.retry
+    delay = backoff(attempt, base=retry.backoff, cap=retry.max_backoff, rng=ex.rt.rng)
+    if time.monotonic() + delay >= deadline or not state.budget.try_spend():
+        return None
+    return delay
 
 
 async def _relay(ex: _Exchange, resp: UpstreamResponse, backend: str, choice: Choice) -> None:
@@ -353,10 +388,9 @@ async def _answer_error(ex: _Exchange, err: ProxyError) -> None:
     status, headers, body = problem(err, route=o.route, request_id=ex.req.request_id)
     if ex.body is not None and not ex.body.complete:
         headers.append((b"connection", b"close"))
+    if ex.choice is not None and ex.choice.set_cookie is not None:
+        # A new sticky key is kept even when this answer is an error: the retry agrees.
+        headers.append((b"set-cookie", ex.choice.set_cookie))
     await _start(ex, status, headers)
     await ex.send({"type": "http.response.body", "body": body, "more_body": False})
     o.bytes_sent = len(body)
-
-
-def _unused(*_: Any) -> None:  # pragma: no cover
-    pass

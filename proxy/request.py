@@ -101,7 +101,8 @@ class Request:
         if self.peer_is_trusted:
             proto = self.header_bytes(b"x-forwarded-proto")
             if proto is not None:
-                return proto.strip().lower() == b"https"
+                # A chain of proxies lists protocols client-first.
+                return proto.split(b",")[0].strip().lower() == b"https"
         return self.scheme == "https"
 
     @property
