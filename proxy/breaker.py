@@ -8,7 +8,9 @@ asyncio proxy needs on top:
 - tickets: an attempt asks `try_acquire()` before it goes and reports on its ticket after,
   since pybreaker only knows how to wrap a synchronous call;
 - one half-open trial at a time (pybreaker lets every concurrent call in);
-- the reset timeout measured with an injectable `clock` (pybreaker reads the wall clock).
+- the reset timeout measured with an injectable `clock` (pybreaker reads the wall clock);
+- `sync()`: take a state another instance wrote into a shared storage (`breaker_store`)
+  at once, rather than at pybreaker's next call.
 
 `state` turns from "open" to "half-open" when the first trial is handed out, not when
 `reset_timeout` elapses; `retry_after()` is 0 from then on. Not thread-safe: one event loop.
@@ -168,6 +170,15 @@ class Breaker:
         if ticket is self._trial:
             self._trial = None
 
+    def sync(self, *, opened_ago: float = 0.0) -> None:
+        """Take the state the storage holds now, set there by another instance, without
+        counting anything. `opened_ago`: seconds since that instance opened the breaker, so
+        the reset timeout runs from then (capped at a full timeout).
+        """
+        # Reading pybreaker's state makes it notice the storage's and tell the listener.
+        if self._cb.state.name == OPEN:
+            self._opened_at = self._clock() - min(max(opened_ago, 0.0), self._cb.reset_timeout)
+
     def _report(self, outcome: Callable[[], None]) -> None:
         try:
             self._cb.call(outcome)
@@ -180,8 +191,8 @@ class Breaker:
         self._trial = None
         self._closed_ticket = Ticket(trial=False)
         if new == OPEN:
-            # Also when another instance opened it through the storage: this one then
-            # waits a full reset_timeout from the moment it learns of it.
+            # Also when another instance opened it through the storage: a full
+            # reset_timeout from the moment this one learns of it, unless `sync` says more.
             self._opened_at = self._clock()
         if old != new and self._on_state_change is not None:
             self._on_state_change(self._name, old, new)

@@ -2,7 +2,8 @@
 
 `build(config, previous)` makes a new snapshot from a validated config. Breakers,
 bulkheads, retry budgets and connection pools whose settings did not change are carried
-over from `previous`, so a reload keeps their state. A snapshot is never changed in place:
+over from `previous`, so a reload keeps their state; so are the shared breaker stores
+(`breaker_store`), which the serving process starts. A snapshot is never changed in place:
 a split override makes a new one (`with_split`) that shares everything else.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from proxy.breaker import Breaker
+from proxy.breaker_store import BreakerStores, SharedBreakerStore
 from proxy.bulkhead import Bulkhead
 from proxy.config import Config, Route
 from proxy.config import Retry as RetryConfig
@@ -64,6 +66,7 @@ class RouteState:
     breaker_settings: tuple[int, float, int]
     on_breaker_change: Callable[[str, str, str], None] = field(repr=False)
     shadow: ShadowPolicy | None = None
+    breaker_store: SharedBreakerStore | None = None
 
     @property
     def override(self) -> Mapping[str, int] | None:
@@ -73,13 +76,18 @@ class RouteState:
         found = self.breakers.get(backend)
         if found is None:
             threshold, reset, success = self.breaker_settings
+            name = f"{self.name}/{backend}"
+            storage = self.breaker_store.storage(name) if self.breaker_store else None
             found = self.breakers[backend] = Breaker(
-                name=f"{self.name}/{backend}",
+                name=name,
                 failure_threshold=threshold,
                 reset_timeout=reset,
                 success_threshold=success,
                 on_state_change=self.on_breaker_change,
+                storage=storage,
             )
+            if storage is not None:
+                storage.attach(found)
         return found
 
 
@@ -93,6 +101,7 @@ class Runtime:
     metrics: Metrics
     rng: random.Random
     workers: int = 1
+    breaker_stores: BreakerStores = field(default_factory=BreakerStores)
 
     @property
     def legacy(self) -> str:
@@ -119,11 +128,12 @@ def build(
     routes: dict[str, RouteState] = {}
     old_routes = previous.routes if previous else {}
     workers = previous.workers if previous else workers
+    stores = previous.breaker_stores if previous else BreakerStores(on_up=metrics.set_storage_up)
     for route in config.routes:
         old = old_routes.get(route.name)
-        routes[route.name] = _route_state(config, route, old, metrics, workers)
+        routes[route.name] = _route_state(config, route, old, metrics, workers, stores)
     old = old_routes.get(DEFAULT_ROUTE)
-    routes[DEFAULT_ROUTE] = _route_state(config, None, old, metrics, workers)
+    routes[DEFAULT_ROUTE] = _route_state(config, None, old, metrics, workers, stores)
     router = Router.build(_rules(config, routes), routes[DEFAULT_ROUTE])
     _publish(config, routes, metrics)
     return Runtime(
@@ -135,6 +145,7 @@ def build(
         metrics=metrics,
         rng=previous.rng if previous else random.Random(),
         workers=workers,
+        breaker_stores=stores,
     )
 
 
@@ -178,7 +189,12 @@ def _upstreams(config: Config, previous: Runtime | None) -> dict[str, Upstream]:
 
 
 def _route_state(
-    config: Config, route: Route | None, old: RouteState | None, metrics: Metrics, workers: int
+    config: Config,
+    route: Route | None,
+    old: RouteState | None,
+    metrics: Metrics,
+    workers: int,
+    stores: BreakerStores,
 ) -> RouteState:
     d = config.defaults
     name = route.name if route else DEFAULT_ROUTE
@@ -202,8 +218,9 @@ def _route_state(
     if old is not None and old.budget.settings == budget.settings:
         budget = old.budget
     breaker_settings = (breaker.failure_threshold, breaker.reset_timeout, breaker.success_threshold)
+    store = stores.get(breaker.storage) if breaker.storage else None
     breakers: dict[str, Breaker] = {}
-    if old is not None and old.breaker_settings == breaker_settings:
+    if old is not None and (old.breaker_settings, old.breaker_store) == (breaker_settings, store):
         breakers = dict(old.breakers)
 
     def on_breaker_change(breaker_name: str, before: str, after: str) -> None:
@@ -233,6 +250,7 @@ def _route_state(
         breaker_settings=breaker_settings,
         on_breaker_change=on_breaker_change,
         shadow=shadow,
+        breaker_store=store,
     )
     for backend in (*split.order, *([state.fallback] if state.fallback else [])):
         metrics.set_breaker_state(name, backend, state.breaker(backend).state)
