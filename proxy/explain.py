@@ -5,12 +5,14 @@ request path, so it cannot disagree with it."""
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from proxy.errors import BadRequest
 from proxy.headers import TrustedProxies
 from proxy.routing import host_of, normalize, strip_prefix
 from proxy.runtime import RouteState, Runtime
+
+_VISIBLE_ASCII = "".join(chr(c) for c in range(0x21, 0x7F))
 
 
 class _Probe:
@@ -63,7 +65,9 @@ def explain(
     choice = state.chooser.choose(state.split, probe)
     routed = strip_prefix(path, state.strip_prefix) if state.strip_prefix else path
     upstream = rt.upstreams[choice.backend]
-    query = parts.query.encode("latin-1")
+    # As a client would send it: characters outside visible ASCII percent-encoded as UTF-8
+    # (the path got the same from `normalize`); everything else byte for byte.
+    query = quote(parts.query, safe=_VISIBLE_ASCII).encode("ascii")
     return {
         "route": state.name,
         "backend": choice.backend,
@@ -114,6 +118,20 @@ def policies(state: RouteState) -> dict[str, Any]:
         "fallback": state.fallback,
         "sticky": state.chooser.sticky.source if state.chooser.sticky else None,
         "strip_prefix": state.strip_prefix,
+        "shadow": _shadow(state),
+    }
+
+
+def _shadow(state: RouteState) -> dict[str, Any] | None:
+    cfg = state.config.shadow if state.config is not None else None
+    if cfg is None or state.shadow is None:
+        return None
+    return {
+        "backend": cfg.backend,
+        "percent": cfg.percent,
+        "methods": list(cfg.methods),
+        "compare": cfg.compare,
+        "ignore": list(cfg.ignore),
     }
 
 
@@ -140,4 +158,16 @@ def render(answer: dict[str, Any]) -> str:
         f"(reset {b['reset_timeout']}s), bulkhead {k['max_concurrent']}+{k['max_queue']}, "
         f"fallback {p['fallback'] or '-'}, max body {p['max_body'] or '-'}"
     )
+    extra = []
+    if p["sticky"]:
+        extra.append(f"sticky by {p['sticky']}")
+    if p["strip_prefix"]:
+        extra.append(f"strip prefix {p['strip_prefix']}")
+    shadow = p.get("shadow")
+    if shadow:
+        compared = ", compared" if shadow["compare"] else ""
+        methods = "/".join(shadow["methods"])
+        extra.append(f"shadow {shadow['percent']}% of {methods} to {shadow['backend']}{compared}")
+    if extra:
+        lines.append("              " + ", ".join(extra))
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from proxy.errors import ProxyError, UpstreamConnectError, problem
+from proxy.errors import ProxyError, UpstreamConnectError, UpstreamTimeout, problem
 from proxy.headers import upstream_request_headers, with_host
 from proxy.logs import AccessLog
 from proxy.outcome import Outcome
@@ -71,23 +71,48 @@ async def _relay(
         upstream.origin.replace("http", "ws", 1) + upstream.target(path, req.query), encoded=True
     )
     session = upstream._client()
+    # A reload that retires this backend's pool closes it once `users` is 0: a WebSocket
+    # uses the pool for as long as it is open, so it counts as a user until it ends.
+    upstream.users += 1
     try:
-        ws = await session.ws_connect(
-            url,
-            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
-            protocols=tuple(scope.get("subprotocols") or ()),
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=state.timeouts.read),
-            autoping=True,
-            max_msg_size=0,
-        )
-    except aiohttp.WSServerHandshakeError as exc:
-        raise _HandshakeRefused(exc.status) from exc
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise UpstreamConnectError(f"cannot open a WebSocket to {choice.backend}: {exc}") from exc
-    async with ws:
-        await send({"type": "websocket.accept", "subprotocol": ws.protocol})
-        o.status = 101
-        await _pump(ws, receive, send)
+        t = state.timeouts
+        try:
+            # The handshake runs under the session's timeout, which has no limits: bound it
+            # here, or a backend that never answers holds the client forever.
+            async with asyncio.timeout(min(t.total, t.connect + t.read)):
+                ws = await session.ws_connect(
+                    url,
+                    headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
+                    protocols=tuple(scope.get("subprotocols") or ()),
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=t.read),
+                    autoping=True,
+                    max_msg_size=0,
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            raise _HandshakeRefused(exc.status) from exc
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"{choice.backend} did not complete the WebSocket handshake in time"
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamConnectError(
+                f"cannot open a WebSocket to {choice.backend}: {exc}"
+            ) from exc
+        async with ws:
+            accept_headers = [(b"x-request-id", req.request_id.encode())]
+            if choice.set_cookie is not None:  # a new sticky key: the later requests agree
+                accept_headers.append((b"set-cookie", choice.set_cookie))
+            await send(
+                {
+                    "type": "websocket.accept",
+                    "subprotocol": ws.protocol,
+                    "headers": accept_headers,
+                }
+            )
+            o.status = 101
+            await _pump(ws, receive, send)
+    finally:
+        upstream.users -= 1
 
 
 class _HandshakeRefused(ProxyError):
@@ -111,14 +136,21 @@ async def _pump(ws: aiohttp.ClientWebSocketResponse, receive: Any, send: Send) -
                 await send({"type": "websocket.send", "bytes": msg.data})
             else:
                 break
+        if msg.type == aiohttp.WSMsgType.CLOSING:
+            # The client went away and `_client_to_upstream` is closing the backend's side
+            # with the client's code: let that close handshake finish (it is bounded by
+            # ws_close), never cancel it half way, or the backend sees 1000/1006 instead.
+            await asyncio.wait({to_upstream})
+            return
         if not to_upstream.done():
             code, reason = 1011, ""
             if msg.type == aiohttp.WSMsgType.CLOSE:
-                code, reason = msg.data or 1000, msg.extra or ""
+                code, reason = _sendable(msg.data or 1000, abnormal=1011), msg.extra or ""
             with contextlib.suppress(Exception):
                 await send({"type": "websocket.close", "code": code, "reason": reason})
     finally:
-        to_upstream.cancel()
+        if not to_upstream.done():
+            to_upstream.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await to_upstream
 
@@ -134,8 +166,20 @@ async def _client_to_upstream(ws: aiohttp.ClientWebSocketResponse, receive: Any)
                 await ws.send_bytes(message["bytes"])
         elif kind == "websocket.disconnect":
             reason = (message.get("reason") or "").encode()
-            await ws.close(code=message.get("code", 1000) or 1000, message=reason)
+            code = _sendable(message.get("code") or 1000, abnormal=1001)
+            await ws.close(code=code, message=reason)
             return
+
+
+def _sendable(code: int, *, abnormal: int) -> int:
+    """A close code as it may go on the wire (RFC 6455 §7.4): 1005 (no code was given)
+    becomes 1000; 1006 and 1015 (the connection dropped, TLS failed), which are never
+    sent, and codes outside the registered ranges become `abnormal`."""
+    if code == 1005:
+        return 1000
+    if 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999:
+        return code
+    return abnormal
 
 
 async def _refuse(scope: dict[str, Any], send: Send, err: ProxyError, o: Outcome) -> None:
