@@ -56,6 +56,14 @@ def _authorized(request: Request, token_env: str) -> Response | None:
     return None
 
 
+async def _settled(control: Control) -> None:
+    """Answer a change only once it is live everywhere (with workers, in each of them). A
+    control without `settle` applies its changes at once."""
+    settle = getattr(control, "settle", None)
+    if settle is not None:
+        await settle()
+
+
 def create_admin(control: Control) -> Starlette:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -101,12 +109,17 @@ def create_admin(control: Control) -> Starlette:
                 weights = json.loads(await request.body())
             except ValueError:
                 return problem(400, "Bad request", 'the body must be JSON: {"BACKEND": PCT}')
+            if not isinstance(weights, dict):  # `null` would read as "remove the override"
+                return problem(
+                    400, "Invalid split", 'the split must be a JSON object: {"BACKEND": PCT}'
+                )
         try:
             control.set_split(name, weights)
         except KeyError:
             return problem(404, "Not found", f"no route named {name!r}")
         except ValueError as err:
             return problem(400, "Invalid split", str(err))
+        await _settled(control)
         return JSONResponse({"route": name, "split": weights, "override": weights is not None})
 
     async def reload(request: Request) -> Response:
@@ -118,6 +131,7 @@ def create_admin(control: Control) -> Starlette:
             return problem(
                 400, "Invalid config", "the config was not reloaded", errors=result["errors"]
             )
+        await _settled(control)
         return JSONResponse(result)
 
     return Starlette(

@@ -4,7 +4,7 @@ through the supervisor)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from proxy.app import Holder
@@ -41,12 +41,14 @@ class AdminControl:
         snapshots: Callable[[], list[dict[str, Any]]],
         metrics: Callable[[], tuple[bytes, str]],
         ready: Callable[[], bool],
+        settle: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.holder = holder
         self.reloader = reloader
         self._snapshots = snapshots
         self._metrics = metrics
         self._ready = ready
+        self._settle = settle
 
     @property
     def token_env(self) -> str:
@@ -73,3 +75,9 @@ class AdminControl:
 
     def reload(self) -> dict[str, Any]:
         return self.reloader.reload().as_dict()
+
+    async def settle(self) -> None:
+        """Return once a change made through this control is live in every data plane (at
+        once in one process; with workers, when each has said so, within a bound)."""
+        if self._settle is not None:
+            await self._settle()

@@ -3,6 +3,10 @@
 Labelled children are cached per label tuple, so recording a request is a dict lookup and
 two increments. With several workers prometheus_client's multiprocess mode is on
 (PROMETHEUS_MULTIPROC_DIR); each gauge says how workers combine.
+
+Only the series of the table are exposed: no `*_created` companions (prometheus_client adds
+them to the text format of one process, never to the multiprocess aggregate), and the two
+health gauges appear only once something sets them ("absent without one").
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from proxy.outcome import Outcome
 from proxy.stats import Window
@@ -22,6 +26,8 @@ KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
 )
 BREAKER_VALUES = {"closed": 0, "half-open": 1, "open": 2}
+
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -115,12 +121,8 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
-        self.breaker_storage_up = Gauge(
-            "strangler_breaker_storage_up",
-            "1 while the shared breaker storage answers, 0 when not.",
-            multiprocess_mode="livemax",
-            registry=r,
-        )
+        # Absent unless a shared breaker storage is configured (SPEC §9): made on first use.
+        self.breaker_storage_up: Gauge | None = None
         self._children: dict[tuple[Any, ...], Any] = {}
         self.window = Window()
 
@@ -175,4 +177,11 @@ class Metrics:
         self._child(self.backend_up, backend).set(1 if up else 0)
 
     def set_storage_up(self, up: bool) -> None:
+        if self.breaker_storage_up is None:
+            self.breaker_storage_up = Gauge(
+                "strangler_breaker_storage_up",
+                "1 while the shared breaker storage answers, 0 when not.",
+                multiprocess_mode="livemax",
+                registry=self.registry,
+            )
         self.breaker_storage_up.set(1 if up else 0)

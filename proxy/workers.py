@@ -40,6 +40,7 @@ from proxy.server import DataPlane, Options, _Server, admin_server_config, bind,
 log = logging.getLogger("strangler.workers")
 
 REPORT_EVERY = 1.0
+SETTLE_TIMEOUT = 5.0  # an admin change waits at most this long for the workers to apply it
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -68,10 +69,15 @@ async def _worker(
         message = channel.receive()
         if message is None:
             plane.drain("supervisor gone")
-        elif message[0] == "config":
-            plane.reloader.apply(message[1])
-        elif message[0] == "split":
-            plane.reloader.set_split(message[1], message[2])
+            return
+        kind, *args, generation = message
+        if kind == "config":
+            plane.reloader.apply(args[0])
+        elif kind == "split":
+            plane.reloader.set_split(args[0], args[1])
+        # Tell the supervisor this change is live here: the admin API answers once every
+        # worker says so, so traffic follows a kill switch as soon as `strangler split` returns.
+        asyncio.ensure_future(channel.send(("applied", generation)))
 
     loop.add_reader(conn.fileno(), on_message)
     reporter = asyncio.ensure_future(_report(plane, channel))
@@ -121,6 +127,7 @@ class _Worker:
         self.channel: _Channel | None = None
         self.state: dict[str, Any] | None = None
         self.started = 0.0
+        self.applied = 0  # the last change (generation) this worker has made live
 
     @property
     def ready(self) -> bool:
@@ -143,6 +150,7 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.sock: socket.socket | None = None
         self.stopping = False
+        self.generation = 0  # changes sent to the workers so far
 
     def spawn(self, worker: _Worker) -> None:
         assert self.sock is not None
@@ -159,9 +167,15 @@ class Supervisor:
         worker.started = time.monotonic()
         loop = asyncio.get_running_loop()
         loop.add_reader(parent.fileno(), self._on_message, worker)
-        for route, state in self.holder.current.routes.items():
-            if state.override is not None:
-                asyncio.ensure_future(worker.channel.send(("split", route, dict(state.override))))
+        # It starts with the current config; the live overrides follow.
+        overrides = [
+            ("split", route, dict(state.override), self.generation)
+            for route, state in self.holder.current.routes.items()
+            if state.override is not None
+        ]
+        worker.applied = 0 if overrides else self.generation
+        for message in overrides:
+            asyncio.ensure_future(worker.channel.send(message))
 
     def _on_message(self, worker: _Worker) -> None:
         assert worker.channel is not None
@@ -171,11 +185,24 @@ class Supervisor:
             return
         if message[0] == "state":
             worker.state = message[1]
+        elif message[0] == "applied":
+            worker.applied = max(worker.applied, message[1])
 
     def _broadcast(self, message: tuple[Any, ...]) -> None:
+        self.generation += 1
         for worker in self.workers:
             if worker.channel is not None and worker.alive:
-                asyncio.ensure_future(worker.channel.send(message))
+                asyncio.ensure_future(worker.channel.send((*message, self.generation)))
+
+    async def settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
+        """Wait (bounded) until every live worker has made the changes sent so far live."""
+        target = self.generation
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(w.applied >= target for w in self.workers if w.alive and w.channel):
+                return
+            await asyncio.sleep(0.005)
+        event(log, "workers are slow to apply a change", logging.WARNING, generation=target)
 
     def snapshots(self) -> list[dict[str, Any]]:
         return [w.state for w in self.workers if w.state is not None and w.alive]
@@ -253,6 +280,7 @@ async def _supervise(config: Config, opts: Options) -> int:
         snapshots=sup.snapshots,
         metrics=sup.collect_metrics,
         ready=sup.is_ready,
+        settle=sup.settle,
     )
     admin = _Server(admin_server_config(create_admin(control)))
     loop = asyncio.get_running_loop()
