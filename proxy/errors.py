@@ -70,6 +70,12 @@ class UpstreamTimeout(UpstreamError):
     reason = "timeout"
 
 
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """The connection never opened: a timeout, and like a connect error nothing was sent."""
+
+    title = "Backend timed out"
+
+
 class UpstreamProtocolError(UpstreamError):
     status = 502
     title = "Bad response from backend"

@@ -19,6 +19,7 @@ from yarl import URL
 from proxy.errors import (
     ProxyError,
     UpstreamConnectError,
+    UpstreamConnectTimeout,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
@@ -46,7 +47,7 @@ def map_error(exc: BaseException) -> UpstreamError:
     if isinstance(exc, UpstreamError):
         return exc
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamTimeout("connecting to the backend timed out")
+        return UpstreamConnectTimeout("connecting to the backend timed out")
     if isinstance(exc, asyncio.TimeoutError):
         return UpstreamTimeout("the backend did not answer in time")
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -104,7 +105,7 @@ class UpstreamResponse:
         else:
             self._resp.close()
         if self._owner is not None:
-            self._owner.users -= 1
+            self._owner.release()
             self._owner = None
 
 
@@ -123,7 +124,7 @@ class Upstream:
         self.max_connections = max_connections
         self.settings = (url, max_connections, preserve_host)
         self._session: aiohttp.ClientSession | None = None
-        self.users = 0  # requests between send() and their response's close()
+        self.users = 0  # requests between send() and their response's close(), WebSockets
         self.retired = False
 
     def target(self, path: str, query: bytes) -> str:
@@ -164,7 +165,7 @@ class Upstream:
         session = self._client()
         url = URL(self.origin + target, encoded=True)
         wire_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
-        self.users += 1
+        self.acquire()
         try:
             resp = await session.request(
                 method,
@@ -177,13 +178,31 @@ class Upstream:
                 auto_decompress=False,
             )
         except BaseException as exc:
-            self.users -= 1
+            self.release()
             if body_error is not None and body_error.error is not None:
                 raise body_error.error from exc
             if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError | OSError):
                 raise map_error(exc) from exc
             raise
         return UpstreamResponse(resp, self)
+
+    def acquire(self) -> None:
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.retired and self.users == 0:
+            self._close_soon()
+
+    def retire(self) -> None:
+        """A reload no longer uses this pool: close it once its last user is done (also a
+        session a late request of an old snapshot opened after the retirement)."""
+        self.retired = True
+        if self.users == 0:
+            self._close_soon()
+
+    def _close_soon(self) -> None:
+        asyncio.ensure_future(self.close())
 
     async def close(self) -> None:
         if self._session is not None:

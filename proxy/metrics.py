@@ -11,6 +11,7 @@ health gauges appear only once something sets them ("absent without one").
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -125,6 +126,41 @@ class Metrics:
         self.breaker_storage_up: Gauge | None = None
         self._children: dict[tuple[Any, ...], Any] = {}
         self.window = Window()
+
+    def retain(self, routes: set[str], roles: Mapping[str, str]) -> None:
+        """Forget the gauges of routes and backends a reload removed (and a backend's old
+        role): they would show their last value forever. Counters keep their history."""
+        by_route = (id(self.split_percent), id(self.breaker_state), id(self.bulkhead_in_flight))
+        metrics = {
+            id(m): m
+            for m in (
+                self.split_percent,
+                self.breaker_state,
+                self.bulkhead_in_flight,
+                self.backend_info,
+                self.backend_up,
+            )
+        }
+        for key in list(self._children):
+            metric_id, labels = key[0], key[1:]
+            if metric_id not in metrics:
+                continue
+            if metric_id in by_route:
+                stale = labels[0] not in routes or (len(labels) > 1 and labels[1] not in roles)
+            elif metric_id == id(self.backend_info):
+                stale = roles.get(labels[0]) != labels[1]
+            else:
+                stale = labels[0] not in roles
+            if stale:
+                self._forget(metrics[metric_id], key)
+
+    def _forget(self, metric: Any, key: tuple[Any, ...]) -> None:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Series live in per-process files: a zero is the only way to retract one.
+            self._children[key].set(0)
+            return
+        metric.remove(*key[1:])
+        del self._children[key]
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)

@@ -19,6 +19,7 @@ from proxy.errors import (
     ClientGone,
     ProxyError,
     UpstreamConnectError,
+    UpstreamConnectTimeout,
     UpstreamError,
     UpstreamStatusError,
     problem,
@@ -39,6 +40,9 @@ SMALL_RESPONSE = 64 * 1024  # answers with a Content-Length up to this go out in
 # Our server can only frame an unknown-length body as chunked, which HTTP/1.0 clients do not
 # read: for them such a body is held (up to this size) and sent with a Content-Length.
 HTTP10_BUFFER = 16 * 1024 * 1024
+# No retry or fallback starts with less of the total timeout left than this: it could not
+# answer, and the loop's coarse timer clock can fire the total timeout a little early.
+MIN_ATTEMPT = 0.05
 
 
 class AbortResponse(Exception):
@@ -146,7 +150,7 @@ async def _exchange(ex: _Exchange, state: RouteState, choice: Choice, path: str)
             fallback is None
             or fallback == backend
             or not _may_fall_back(err, held, replayable)
-            or time.monotonic() >= deadline
+            or deadline - time.monotonic() < MIN_ATTEMPT
         ):
             if isinstance(err, UpstreamStatusError) and err.response is not None:
                 await _relay(ex, err.response, backend, choice)
@@ -202,7 +206,7 @@ def _may_fall_back(err: ProxyError, held: bool, replayable: bool) -> bool:
     (The caller also refuses once the total timeout is spent: the fallback is an attempt.)"""
     if isinstance(err, CircuitOpen):
         return True
-    if isinstance(err, UpstreamConnectError):
+    if isinstance(err, UpstreamConnectError | UpstreamConnectTimeout):
         return held
     return replayable
 
@@ -278,7 +282,10 @@ async def _attempts(
             breaker.record_failure(ticket)
             rt.metrics.upstream_failure(state.name, backend, "status")
             cause, failure = resp.status, UpstreamStatusError(resp.status, resp)
-        retried = attempt < tries and cause in state.retry.on
+        retried = attempt < tries and (
+            cause in state.retry.on
+            or (isinstance(failure, UpstreamConnectTimeout) and "connect" in state.retry.on)
+        )
         delay = _retry_delay(ex, state, breaker, attempt, deadline) if retried else None
         if delay is None:
             raise failure
@@ -310,7 +317,7 @@ def _retry_delay(
         return None
     retry = state.retry
     delay = backoff(attempt, base=retry.backoff, cap=retry.max_backoff, rng=ex.rt.rng)
-    if time.monotonic() + delay >= deadline or not state.budget.try_spend():
+    if deadline - time.monotonic() - delay < MIN_ATTEMPT or not state.budget.try_spend():
         return None
     return delay
 

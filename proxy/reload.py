@@ -50,7 +50,6 @@ class Reloader:
     )
     on_config: list[Callable[[Config, Runtime], None]] = field(default_factory=list)
     on_split: list[Callable[[str, Mapping[str, int] | None], None]] = field(default_factory=list)
-    _retiring: set[Upstream] = field(default_factory=set)
 
     def reload(self) -> ReloadResult:
         """Read and validate the file; swap the snapshot only when it is valid."""
@@ -86,23 +85,7 @@ class Reloader:
 
     def _retire(self, upstreams: list[Upstream]) -> None:
         for upstream in upstreams:
-            upstream.retired = True
-            self._retiring.add(upstream)
-        if upstreams:
-            asyncio.ensure_future(self._close_retired())
-
-    async def _close_retired(self) -> None:
-        """Close retired pools after their last request; give up waiting after a while."""
-        deadline = time.monotonic() + 600
-        while self._retiring and time.monotonic() < deadline:
-            for upstream in [u for u in self._retiring if u.users == 0]:
-                self._retiring.discard(upstream)
-                await upstream.close()
-            if self._retiring:
-                await asyncio.sleep(0.5)
-        for upstream in list(self._retiring):
-            self._retiring.discard(upstream)
-            await upstream.close()
+            upstream.retire()
 
 
 class FileWatch:

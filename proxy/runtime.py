@@ -286,8 +286,10 @@ def _shadow_policy(
 
 
 def _publish(config: Config, routes: Mapping[str, RouteState], metrics: Metrics) -> None:
-    for name in config.backends:
-        metrics.set_backend_info(name, "legacy" if name == config.legacy else "service")
+    roles = {name: "legacy" if name == config.legacy else "service" for name in config.backends}
+    metrics.retain(set(routes), roles)
+    for name, role in roles.items():
+        metrics.set_backend_info(name, role)
     for route in routes.values():
         metrics.set_split(route.name, route.split.weights, config.backends)
 

@@ -73,7 +73,7 @@ async def _relay(
     session = upstream._client()
     # A reload that retires this backend's pool closes it once `users` is 0: a WebSocket
     # uses the pool for as long as it is open, so it counts as a user until it ends.
-    upstream.users += 1
+    upstream.acquire()
     try:
         t = state.timeouts
         try:
@@ -112,7 +112,7 @@ async def _relay(
             o.status = 101
             await _pump(ws, receive, send)
     finally:
-        upstream.users -= 1
+        upstream.release()
 
 
 class _HandshakeRefused(ProxyError):

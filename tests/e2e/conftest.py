@@ -102,6 +102,11 @@ routes:
     match: {prefix: /slow/patient}
     backend: orders
     timeout: {read: 30, total: 60}
+  - name: blackhole-fallback
+    match: {prefix: /blackhole/fallback}
+    backend: blackhole
+    fallback: monolith
+    timeout: {connect: 0.5}
   - name: blackhole
     match: {prefix: /blackhole}
     backend: blackhole

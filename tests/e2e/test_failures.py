@@ -49,6 +49,17 @@ def test_connect_timeout_is_504(proxy: ProxyProcess, b: Backends) -> None:
     assert time.monotonic() - t0 < 3
 
 
+def test_a_post_whose_connection_never_opened_goes_to_the_fallback(
+    proxy: ProxyProcess, b: Backends
+) -> None:
+    """A connect timeout sent nothing: even a POST may go to the fallback, body and all."""
+    r = httpx.post(proxy.url + "/blackhole/fallback/orders", content=b"order-1", timeout=10)
+    assert r.status_code == 200 and r.json()["served_by"] == "monolith"
+    assert b.monolith.requests[-1]["body_size"] == len(b"order-1")
+    entry = proxy.wait_access(lambda e: e["request_id"] == r.headers["x-request-id"])
+    assert entry["fallback_from"] == "blackhole"
+
+
 def test_body_over_max_body_is_413_with_content_length(proxy: ProxyProcess, b: Backends) -> None:
     r = httpx.post(proxy.url + "/upload/limited", content=b"x" * 2048, timeout=10)
     assert_problem(r, 413, "limited")

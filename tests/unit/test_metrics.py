@@ -218,3 +218,43 @@ def test_gauges_say_how_workers_combine(metrics: Metrics) -> None:
         metrics.backend_up,
     ):
         assert gauge._multiprocess_mode == "livemax", gauge._name
+
+
+def test_a_reload_forgets_the_gauges_of_removed_routes_and_backends() -> None:
+    from proxy.loader import load_text
+    from proxy.runtime import build
+
+    before = load_text(
+        """
+version: 1
+legacy: monolith
+backends:
+  monolith: {url: "http://127.0.0.1:1"}
+  orders: {url: "http://127.0.0.1:2"}
+routes:
+  - {name: orders, match: {prefix: /o}, split: {orders: 25, monolith: 75}}
+""",
+        "a.yaml",
+    )
+    after = load_text(
+        """
+version: 1
+legacy: orders
+backends:
+  orders: {url: "http://127.0.0.1:2"}
+routes: []
+""",
+        "b.yaml",
+    )
+    metrics = Metrics()
+    first = build(before, None, metrics)
+    value = metrics.registry.get_sample_value
+    assert value("strangler_split_percent", {"route": "orders", "backend": "orders"}) == 25
+    assert value("strangler_backend_info", {"backend": "orders", "role": "service"}) == 1
+    build(after, first, metrics)
+    assert value("strangler_split_percent", {"route": "orders", "backend": "orders"}) is None
+    assert value("strangler_breaker_state", {"route": "orders", "backend": "orders"}) is None
+    assert value("strangler_backend_info", {"backend": "monolith", "role": "legacy"}) is None
+    assert value("strangler_backend_info", {"backend": "orders", "role": "service"}) is None
+    assert value("strangler_backend_info", {"backend": "orders", "role": "legacy"}) == 1
+    assert value("strangler_split_percent", {"route": "default", "backend": "orders"}) == 100

@@ -164,16 +164,16 @@ async def test_a_retired_pool_closes_after_its_last_user(
         closed.append("orders")
 
     old_pool.close = close  # type: ignore[method-assign]
-    old_pool.users = 1  # a request is still streaming from it
+    old_pool.acquire()  # a request is still streaming from it
     path.write_text(text(pool=50))
     assert reloader.reload().result == "success"
 
     assert reloader.holder.current.upstreams["orders"] is not old_pool
     assert reloader.holder.current.upstreams["monolith"] is kept_pool
     assert old_pool.retired
-    await asyncio.sleep(1.2)
+    await asyncio.sleep(0.2)
     assert closed == [], "closed under a request in flight"
-    old_pool.users = 0
+    old_pool.release()
     for _ in range(60):
         if closed:
             break
