@@ -66,6 +66,9 @@ def run_demo(app: str, host: str | None, port: int | None) -> int:
                 file=sys.stderr,
             )
             return 1
+    # Ctrl-C or a plain `kill` stops all three, also when started where SIGINT is ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     env = {**os.environ}
     env.setdefault("STRANGLER_ADMIN_TOKEN", DEMO_TOKEN)
     python = [sys.executable, "-m", "proxy"]
@@ -108,6 +111,10 @@ def run_demo(app: str, host: str | None, port: int | None) -> int:
         return 0
     finally:
         _stop(children)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _stop(children: list[subprocess.Popen[bytes]]) -> None:

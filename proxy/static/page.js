@@ -64,7 +64,8 @@
     const reload = data.last_reload;
     const ok = reload.result === "success";
     $("reload").className = ok ? "ok" : "bad";
-    setText($("reload"), `${ok ? "✓ succeeded" : "✗ failed"} at ${clock(reload.time)}`);
+    const what = reload.initial ? "✓ loaded at start" : ok ? "✓ succeeded" : "✗ failed";
+    setText($("reload"), `${what} at ${clock(reload.time)}`);
     sync($("reload-errors"), reload.errors, (e) => e, (e) => el("li", "", e), () => {});
   }
 

@@ -187,7 +187,7 @@ def test_page_shows_each_route_with_its_match_and_split(watched: Watched) -> Non
     )
     expect(card(page, "orders").locator(".part:has(.mismatches)")).to_be_hidden()
     expect(page.locator("#legacy")).to_have_text("monolith")
-    expect(page.locator("#reload")).to_contain_text("succeeded")
+    expect(page.locator("#reload")).to_contain_text("loaded at start")
     watched.assert_clean()
 
 
