@@ -169,32 +169,50 @@ async def serve(config: Config, opts: Options, access_log: AccessLog, metrics: M
         metrics=lambda: (generate_latest(metrics.registry), CONTENT_TYPE_LATEST),
         ready=lambda: plane.holder.ready and not plane.holder.draining,
     )
-    admin = _Server(admin_server_config(create_admin(control)))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, plane.drain, sig.name)
-    loop.add_signal_handler(signal.SIGHUP, plane.reloader.reload)
-    watch = FileWatch(opts.config_path, plane.reloader.reload, opts.watch_interval)
-    watch_task = asyncio.ensure_future(watch.run())
-    admin_task = asyncio.ensure_future(admin.serve(sockets=[admin_sock]))
-
-    def announce() -> None:
-        event(
-            log,
-            "strangler is serving",
-            proxy=listening(main_sock),
-            admin=listening(admin_sock),
-            routes=len(config.routes),
-            config=str(opts.config_path),
-            workers=1,
-        )
-
-    await plane.run(main_sock, announce)
-    watch_task.cancel()
-    admin.should_exit = True
-    await admin_task
+    side = ControlSide(control, plane.reloader, opts, admin_sock, plane.drain)
+    await plane.run(main_sock, lambda: announce(config, opts, main_sock, admin_sock))
+    await side.stop()
     event(log, "strangler stopped")
     return 0
+
+
+class ControlSide:
+    """The admin port, the config watch and the signals: what a single process and the
+    supervisor of several run alike."""
+
+    def __init__(
+        self,
+        control: AdminControl,
+        reloader: Reloader,
+        opts: Options,
+        admin_sock: socket.socket,
+        drain: Callable[[str], None],
+    ) -> None:
+        self.admin = _Server(admin_server_config(create_admin(control)))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, drain, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+        watch = FileWatch(opts.config_path, reloader.reload, opts.watch_interval)
+        self._watch = asyncio.ensure_future(watch.run())
+        self._admin = asyncio.ensure_future(self.admin.serve(sockets=[admin_sock]))
+
+    async def stop(self) -> None:
+        self._watch.cancel()
+        self.admin.should_exit = True
+        await self._admin
+
+
+def announce(config: Config, opts: Options, main: socket.socket, admin: socket.socket) -> None:
+    event(
+        log,
+        "strangler is serving",
+        proxy=listening(main),
+        admin=listening(admin),
+        routes=len(config.routes),
+        config=str(opts.config_path),
+        workers=opts.workers,
+    )
 
 
 def run(config: Config, opts: Options) -> int:

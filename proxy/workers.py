@@ -27,15 +27,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client import multiprocess as prom_multiprocess
 
 from proxy import logs
-from proxy.admin import create_admin
 from proxy.app import Holder
 from proxy.config import Config
 from proxy.control import AdminControl
 from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics
-from proxy.reload import FileWatch, Reloader
+from proxy.reload import Reloader
 from proxy.runtime import build
-from proxy.server import DataPlane, Options, _Server, admin_server_config, bind, listening
+from proxy.server import ControlSide, DataPlane, Options, announce, bind
 
 log = logging.getLogger("strangler.workers")
 
@@ -282,29 +281,12 @@ async def _supervise(config: Config, opts: Options) -> int:
         ready=sup.is_ready,
         settle=sup.settle,
     )
-    admin = _Server(admin_server_config(create_admin(control)))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, sup.drain, sig.name)
-    loop.add_signal_handler(signal.SIGHUP, sup.reloader.reload)
+    side = ControlSide(control, sup.reloader, opts, admin_sock, sup.drain)
     for worker in sup.workers:
         sup.spawn(worker)
-    watch = FileWatch(opts.config_path, sup.reloader.reload, opts.watch_interval)
-    watch_task = asyncio.ensure_future(watch.run())
-    admin_task = asyncio.ensure_future(admin.serve(sockets=[admin_sock]))
-    event(
-        log,
-        "strangler is serving",
-        proxy=listening(sup.sock),
-        admin=listening(admin_sock),
-        routes=len(config.routes),
-        config=str(opts.config_path),
-        workers=opts.workers,
-    )
+    announce(config, opts, sup.sock, admin_sock)
     await sup.watch_workers()
-    watch_task.cancel()
-    admin.should_exit = True
-    await admin_task
+    await side.stop()
     sup.sock.close()
     event(log, "strangler stopped")
     return 0
