@@ -1,19 +1,26 @@
 """Sending a request to a backend and relaying its answer: the narrow seam to the client.
 
 `Upstream.send(...)` returns an `UpstreamResponse` (status, headers, a body stream) once
-the backend's headers have arrived, and maps the client library's errors onto ours. Only
+the backend's headers have arrived, and maps the client library's errors onto ours. An
+answer that breaks HTTP is an UpstreamProtocolError: a head our server could not pass on, a
+body cut short or longer than declared; a connection that carried one is never reused. Only
 this module knows aiohttp, so a faster client can replace it without touching the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import RawResponseMessage
+from aiohttp.streams import StreamReader
 from yarl import URL
 
 from proxy.errors import (
@@ -28,7 +35,12 @@ from proxy.headers import Headers, downstream_response_headers
 
 Body = bytes | AsyncIterator[bytes] | None
 
+IDLE_TIMEOUT = 4.0
 _SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+# What a header name and value may hold (RFC 9110 token; HTAB, visible ASCII, obs-text):
+# our server could not send on anything else (a 500), or would split the answer.
+_TOKEN_OR_LF = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\n"
+_VALUE_OR_TAB = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +66,99 @@ def map_error(exc: BaseException) -> UpstreamError:
         return UpstreamConnectError(f"cannot connect to the backend: {exc.os_error or exc}")
     if isinstance(exc, aiohttp.ClientPayloadError):
         return UpstreamProtocolError("the backend's response body was cut short or malformed")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return UpstreamProtocolError(f"the backend's answer is malformed: {exc.message[:200]}")
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return UpstreamProtocolError("the backend closed the connection without answering")
     return UpstreamProtocolError(f"bad exchange with the backend: {type(exc).__name__}")
+
+
+def head_problem(status: int, raw_headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """What keeps a final answer's status and headers from being passed on as they are."""
+    if not 200 <= status <= 599:
+        return f"the backend answered with status {status}"
+    names = b"\n".join([name for name, _ in raw_headers])
+    if names.translate(None, _TOKEN_OR_LF):
+        return "the backend sent a malformed header name"
+    if b"\t".join([value for _, value in raw_headers]).translate(None, _VALUE_OR_TAB):
+        return "the backend sent a control character in a header value"
+    if b"transfer-encoding" in names.lower():
+        for name, value in raw_headers:
+            if name.lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
+                return "the backend sent a transfer coding other than chunked"  # not undone
+    return None
+
+
+class _Handler(ResponseHandler):
+    """A connection that passes on no answer our server could not send (see `head_problem`)
+    and takes no bytes nobody asked for. aiohttp parses whatever a kept-alive connection
+    receives as the next answer and hands it to the next request sent on it: bytes past a
+    backend's declared length would answer someone else's request. Here they close the
+    connection, and spoil the answer they followed if it is still being read."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._asked = False  # a request is out and its final answer has not ended
+        self._answer: StreamReader | None = None
+
+    def set_response_params(self, **kwargs: Any) -> None:
+        # aiohttp calls this once per request, just before sending it.
+        self._asked, self._answer = True, None
+        super().set_response_params(**kwargs)
+
+    def data_received(self, data: bytes) -> None:
+        if data and not self._asked:
+            self._refuse()
+            return
+        super().data_received(data)
+
+    def feed_data(self, data: tuple[RawResponseMessage, StreamReader], size: int = 0) -> None:
+        if not self._asked:
+            self._refuse()  # a second answer in the same read as the end of the first
+            return
+        message, payload = data
+        if 100 <= message.code <= 199 and message.code != 101:
+            super().feed_data(data, size)  # interim: the final answer is still to come
+            return
+        problem = head_problem(message.code, message.raw_headers)
+        if problem is not None:
+            self.set_exception(HttpProcessingError(message=problem))  # and never reused
+            return
+        self._answer = payload
+        payload.on_eof(self._answered)
+        super().feed_data(data, size)
+
+    def set_exception(self, exc: BaseException, *args: Any) -> None:
+        if not self._asked and isinstance(exc, HttpProcessingError):
+            self._spoil()  # bytes after the answer that did not even parse
+        super().set_exception(exc, *args)
+
+    def _answered(self) -> None:
+        self._asked = False
+
+    def _refuse(self) -> None:
+        self._spoil()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _spoil(self) -> None:
+        if self._answer is not None:
+            error = aiohttp.ClientPayloadError("the backend sent more than the length it declared")
+            self._answer.set_exception(error)
+            self._answer = None
+
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's pool, its connections speaking through `_Handler` (a private hook of
+    aiohttp's, kept here until our own client replaces it)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._factory = functools.partial(_new_handler, loop=self._loop)
+
+
+def _new_handler(loop: asyncio.AbstractEventLoop) -> ResponseHandler:
+    return _Handler(loop)
 
 
 class UpstreamResponse:
@@ -80,7 +182,7 @@ class UpstreamResponse:
                 if not chunk:
                     break
                 yield chunk
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, HttpProcessingError) as exc:
             raise map_error(exc) from exc
         self._done = True
 
@@ -134,10 +236,13 @@ class Upstream:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(
+            connector = _Connector(
                 limit=self.max_connections,
                 limit_per_host=0,
-                keepalive_timeout=30.0,
+                # Below the idle timeout of common backends (uvicorn, node: 5 s), so we
+                # close an idle connection before the backend does and never send on one
+                # it is closing (nothing resends a request behind the retry policy).
+                keepalive_timeout=IDLE_TIMEOUT,
                 ttl_dns_cache=10,
             )
             self._session = aiohttp.ClientSession(
@@ -148,6 +253,9 @@ class Upstream:
                 timeout=aiohttp.ClientTimeout(),
                 trust_env=False,
             )
+            # Every resend is the pipeline's (counted, budgeted, never for a body it cannot
+            # replay), not aiohttp's silent second try of an idempotent request.
+            self._session._retry_connection = False
         return self._session
 
     async def send(
