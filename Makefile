@@ -34,5 +34,8 @@ format: $(STAMP)
 schema: $(STAMP)
 	$(BIN)/python -m proxy.loader --write-schema config/strangler.schema.json
 
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
