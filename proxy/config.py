@@ -46,6 +46,8 @@ _SIZE_UNITS = {
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_ESCAPE_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_DOT_ESCAPE_RE = re.compile(r"%2[eE]")
 
 
 def parse_size(value: Any) -> Any:
@@ -225,8 +227,12 @@ def _path_prefix(value: str) -> str:
         raise ValueError("must start with /")
     if "?" in value or "#" in value:
         raise ValueError("must be a path, without ? or #")
+    if _BAD_ESCAPE_RE.search(value):
+        raise ValueError(f"{value!r} has a '%' that is not followed by two hex digits")
     trimmed = value.rstrip("/") or "/"
-    if any(seg in ("", ".", "..") for seg in trimmed.split("/")[1:]) and trimmed != "/":
+    # `%2e` is a '.' to routing, so `/%2e%2e` is a '..' segment too.
+    segments = [_DOT_ESCAPE_RE.sub(".", seg) for seg in trimmed.split("/")[1:]]
+    if any(seg in ("", ".", "..") for seg in segments) and trimmed != "/":
         raise ValueError(f"{value!r} has an empty, '.' or '..' segment")
     return trimmed
 

@@ -31,10 +31,13 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from proxy.config import NAME_PATTERN, Config, Model, Route, Sticky
+from proxy.errors import BadRequest
+from proxy.routing import normalize_prefix
 
 SCHEMA_ID = "https://strangler.dev/schema/strangler.schema.json"
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 TABLE_WIDTH = 120
+MAX_VALUES = 100_000  # keys, items and scalars of one file, aliases expanded
 NAME_RULE = "use letters, digits, '_', '.' and '-', starting with a letter or digit (at most 63)"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
@@ -107,6 +110,7 @@ class _Document:
         self.broken: set[KeyPath] = set()  # values YAML could not give; pydantic need not repeat
         self._loader: yaml.SafeLoader | None = None
         self._active: set[int] = set()
+        self._built = 0
 
     def parse(self, text: str) -> dict[str, Any]:
         try:
@@ -145,6 +149,11 @@ class _Document:
         return 1
 
     def build(self, node: yaml.Node, path: KeyPath) -> Any:
+        self._built += 1
+        if self._built > MAX_VALUES:
+            # Aliases of aliases (a "billion laughs") would expand without bound.
+            message = f"the file expands to more than {MAX_VALUES} values: aliases repeat too much"
+            raise self.fatal(_line(node), message)
         if id(node) in self._active:
             self.add(path, "an alias refers to itself")
             self.broken.add(path)
@@ -167,8 +176,13 @@ class _Document:
         assert self._loader is not None
         try:
             value = self._loader.construct_object(node)
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+            # A tag YAML cannot honour: `!!float abc`, `!!timestamp 2001-13-45`, `!!binary %`.
             self.add(path, f"cannot read this value: {getattr(exc, 'problem', exc)}")
+            self.broken.add(path)
+            return None
+        if isinstance(value, str) and not _is_text(value):
+            self.add(path, "cannot read this value: it holds a lone surrogate (\\ud800-\\udfff)")
             self.broken.add(path)
             return None
         if not isinstance(value, str) and isinstance(node, yaml.ScalarNode) and not node.style:
@@ -189,6 +203,9 @@ class _Document:
             if key is None:
                 self.add(path, "a key must be a name, not a list or a mapping", _line(key_node))
                 continue
+            if not _is_text(key):
+                self.add(path, f"the key {key!r} holds a lone surrogate", _line(key_node))
+                continue
             self.lines[path + (key,)] = _line(key_node)
             if key in first:
                 self.add(path + (key,), f"duplicate key (first at line {first[key]})")
@@ -206,6 +223,15 @@ class _Document:
             elif not self.is_broken(path):
                 self.add(path, "`<<` merges a mapping or a list of mappings")
         return merged
+
+
+def _is_text(value: str) -> bool:
+    """False for a string YAML escapes made that is not Unicode text (`"\\ud800"`)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _line(node: yaml.Node) -> int:
@@ -408,8 +434,17 @@ def _check_strip_prefix(doc: _Document, route: dict[str, Any], here: KeyPath) ->
 
 
 def _is_segment_prefix(strip: str, prefix: str) -> bool:
-    strip, prefix = strip.rstrip("/"), prefix.rstrip("/")
+    strip, prefix = _routed_prefix(strip).rstrip("/"), _routed_prefix(prefix)
     return not strip or prefix == strip or prefix.startswith(strip + "/")
+
+
+def _routed_prefix(prefix: str) -> str:
+    """A prefix as routing compares it (`/%7Eu` is `/~u`); as written when it is too broken
+    for that (`config` says why)."""
+    try:
+        return normalize_prefix(prefix)
+    except BadRequest:
+        return prefix.rstrip("/") or "/"
 
 
 def _match_key(match: Any) -> tuple[Any, ...] | None:
@@ -420,7 +455,7 @@ def _match_key(match: Any) -> tuple[Any, ...] | None:
     if not (isinstance(methods, list | None) and isinstance(headers, dict | None)):
         return None
     return (
-        match["prefix"].rstrip("/") or "/",
+        _routed_prefix(match["prefix"]),
         None if methods is None else frozenset(str(m).upper() for m in methods),
         None if headers is None else frozenset((str(k).lower(), v) for k, v in headers.items()),
         host.lower().rstrip(".") if isinstance(host, str) and host else None,

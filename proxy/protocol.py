@@ -1,12 +1,17 @@
 """The main port's HTTP/1.1 protocol: uvicorn's httptools protocol with the limits a proxy
-at the edge needs (config `limits`): request line and header size, header count, and a
+at the edge needs (config `limits`): request line and header size, header count, a
 deadline for a request's headers, so a slow or oversized client is cut off early instead
-of holding a connection or memory."""
+of holding a connection or memory; the idle keep-alive timeout; and the number of client
+connections, past which a new connection's request gets 503 and the connection is closed
+(uvicorn's own `limit_concurrency` would refuse requests on every connection instead).
+It also refuses CONNECT (no tunnels) and what a backend could read otherwise than we do:
+framing other than plain chunked, two Host headers; and it never merges a chunked body's
+trailer into the headers."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, ClassVar
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -26,26 +31,39 @@ def guarded_protocol(limits: Limits) -> type[HttpToolsProtocol]:
 
     class GuardedProtocol(_Guarded):
         LIMITS = limits
+        OVER = set()
 
     return GuardedProtocol
 
 
 class _Guarded(HttpToolsProtocol):
     LIMITS = Limits()
+    OVER: ClassVar[set[_Guarded]] = set()  # open connections past max_connections
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Ours, per connection (see connection_made); uvicorn's would count every connection
+        # against each request. And the keep-alive timeout as configured, fractions included.
+        self.limit_concurrency = None
+        self.timeout_keep_alive = self.LIMITS.keepalive_timeout  # type: ignore[assignment]
+        self._over_limit = False
         self._in_head = True
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes received while the head is incomplete
+        self._parsed_bytes = 0  # request target and headers parsed so far
         self._header_count = 0
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        served = len(self.connections) - len(self.OVER)  # this one included
+        if served > self.LIMITS.max_connections:
+            self._over_limit = True
+            self.OVER.add(self)
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self.OVER.discard(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -73,7 +91,8 @@ class _Guarded(HttpToolsProtocol):
         finally:
             self._unset_keepalive_if_required()
         if self._in_head:
-            # Headers still incomplete: bound what a slow or endless head may hold.
+            # Headers still incomplete: bound what a slow or endless head may hold. (A chunk
+            # that completes the head is measured by the parsed size instead.)
             self._head_bytes += len(data)
             if self._head_bytes > self.LIMITS.max_header_bytes:
                 self._refuse(431, "Request header fields too large.")
@@ -82,23 +101,33 @@ class _Guarded(HttpToolsProtocol):
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = 0
+        self._parsed_bytes = 0
         self._header_count = 0
-        self._arm_head_timer()
+        if self._head_timer is None:  # a connection's first head is due since it opened
+            self._arm_head_timer()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
-        self._head_bytes += len(url)
+        self._parsed_bytes += len(url)
         if len(self.url) > self.LIMITS.max_request_line:
             raise _Refused(414, "Request-URI too long.")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
-        self._head_bytes += len(name) + len(value) + 4
+        self._parsed_bytes += len(name) + len(value) + 4
         if self._header_count > self.LIMITS.max_headers:
             raise _Refused(431, "Too many request header fields.")
-        if self._head_bytes > self.LIMITS.max_header_bytes:
+        if self._parsed_bytes > self.LIMITS.max_header_bytes:
             raise _Refused(431, "Request header fields too large.")
-        if name.lower() == b"transfer-encoding":
+        if not self._in_head:
+            # A chunked body's trailer: never merged into the headers (RFC 9110 §6.5.1), where
+            # routing, X-Forwarded-For or the backend would take it for a header.
+            return
+        lowered = name.lower()
+        if lowered == b"host" and any(k == b"host" for k, _ in self.headers):
+            # RFC 9112 §3.2: one Host only; two could route here and be read there otherwise.
+            raise _Refused(400, "More than one Host header.")
+        if lowered == b"transfer-encoding":
             # Only plain chunked framing is understood; anything else (other codings, a list,
             # a second Transfer-Encoding) could be read differently by the backend.
             if value.strip().lower() != b"chunked" or any(
@@ -110,13 +139,11 @@ class _Guarded(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
+        if self._over_limit:
+            raise _Refused(503, "Too many client connections.")
+        if self.parser.get_method() == b"CONNECT":
+            raise _Refused(400, "CONNECT is not served: this is a reverse proxy, not a tunnel.")
         super().on_headers_complete()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        # The next request's head is due within the keep-alive timeout, then header_timeout.
-        self._in_head = True
-        self._head_bytes = 0
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
@@ -140,11 +167,15 @@ class _Guarded(HttpToolsProtocol):
         self._cancel_head_timer()
         if self.transport is None or self.transport.is_closing():
             return
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()  # too late for an answer of ours (a trailer over the limit)
+            return
         body = reason.encode()
         self.transport.write(
             b"".join(
                 [
                     STATUS_LINE[status],
+                    b"retry-after: 1\r\n" if status == 503 else b"",
                     b"content-type: text/plain; charset=utf-8\r\n",
                     b"content-length: ",
                     str(len(body)).encode(),

@@ -6,6 +6,7 @@ Prefixes are indexed in a dict, so the cost of a match grows with the depth of t
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,8 +19,9 @@ T = TypeVar("T")
 _HEX = "0123456789ABCDEFabcdef"
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # A path with none of these needs no work: no percent-encoding, no dot-segment, no byte
-# outside visible ASCII.
-_NEEDS_WORK = re.compile(rb"[^\x21-\x7e]|%|/\.")
+# outside visible ASCII, no `?` or `#` (a path cannot hold them unencoded).
+_NEEDS_WORK = re.compile(rb"[^\x21-\x7e]|[%?#]|/\.")
+_KEPT = frozenset(range(0x21, 0x7F)) - {ord("?"), ord("#")}
 
 
 def normalize(raw_path: bytes) -> str:
@@ -46,7 +48,7 @@ def _normalize_encoding(raw: bytes) -> str:
             out.append(chr(value) if value in _UNRESERVED else "%" + pair.upper())
             i += 3
             continue
-        out.append(chr(byte) if 0x21 <= byte <= 0x7E else f"%{byte:02X}")
+        out.append(chr(byte) if byte in _KEPT else f"%{byte:02X}")
         i += 1
     return "".join(out)
 
@@ -68,6 +70,7 @@ def _remove_dot_segments(path: str) -> str:
     return "/" + "/".join(out)
 
 
+@functools.lru_cache(maxsize=1024)
 def normalize_prefix(prefix: str) -> str:
     """A configured prefix in the form the index uses: normalized, no trailing slash."""
     path = normalize(prefix.encode("utf-8"))
@@ -79,8 +82,9 @@ def is_segment_prefix(prefix: str, path: str) -> bool:
 
 
 def strip_prefix(path: str, prefix: str) -> str:
-    """`/api/orders/7` without `/api` is `/orders/7`; without itself it is `/`."""
-    prefix = prefix.rstrip("/")
+    """`/api/orders/7` without `/api` is `/orders/7`; without itself it is `/`. `path` is
+    normalized; `prefix` is taken as configured (`/café`, `/%7Eu`) and normalized alike."""
+    prefix = normalize_prefix(prefix).rstrip("/")
     if prefix and is_segment_prefix(prefix, path):
         return path[len(prefix) :] or "/"
     return path
