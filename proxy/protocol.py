@@ -11,6 +11,7 @@ trailer into the headers."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import httptools
@@ -26,18 +27,24 @@ class _Refused(Exception):
         self.reason = reason
 
 
-def guarded_protocol(limits: Limits) -> type[HttpToolsProtocol]:
-    """A protocol class enforcing `limits`, for uvicorn's `http=` setting."""
+Refusal = Callable[[int, str, str], None]  # status, reason, client address
+
+
+def guarded_protocol(limits: Limits, on_refusal: Refusal | None = None) -> type[HttpToolsProtocol]:
+    """A protocol class enforcing `limits`, for uvicorn's `http=` setting; `on_refusal` hears
+    of every request it answers itself (they never reach the pipeline)."""
 
     class GuardedProtocol(_Guarded):
         LIMITS = limits
         OVER = set()
+        ON_REFUSAL = staticmethod(on_refusal) if on_refusal is not None else None
 
     return GuardedProtocol
 
 
 class _Guarded(HttpToolsProtocol):
     LIMITS = Limits()
+    ON_REFUSAL: Refusal | None = None
     OVER: ClassVar[set[_Guarded]] = set()  # open connections past max_connections
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -170,6 +177,8 @@ class _Guarded(HttpToolsProtocol):
         if self.cycle is not None and self.cycle.response_started:
             self.transport.close()  # too late for an answer of ours (a trailer over the limit)
             return
+        if self.ON_REFUSAL is not None:
+            self.ON_REFUSAL(status, reason, self.client[0] if self.client else "")
         body = reason.encode()
         self.transport.write(
             b"".join(

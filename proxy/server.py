@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import socket
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,12 @@ from proxy.app import Holder, ProxyApp
 from proxy.config import Config
 from proxy.control import AdminControl
 from proxy.forward import close_all
+from proxy.headers import new_request_id
 from proxy.health import HealthChecks
 from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics
-from proxy.protocol import guarded_protocol
+from proxy.outcome import Outcome
+from proxy.protocol import Refusal, guarded_protocol
 from proxy.reload import FileWatch, Reloader
 from proxy.runtime import build
 from proxy.status import snapshot
@@ -70,11 +73,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def main_server_config(app: Any, config: Config) -> uvicorn.Config:
-    limits = config.limits
+def main_server_config(
+    app: Any, config: Config, on_refusal: Refusal | None = None
+) -> uvicorn.Config:
+    """Keep-alive and connection limits are the protocol's (`limits`), not uvicorn's."""
     return uvicorn.Config(
         app,
-        http=guarded_protocol(limits),
+        http=guarded_protocol(config.limits, on_refusal),
         ws="websockets-sansio",
         lifespan="off",
         loop="none",
@@ -83,9 +88,7 @@ def main_server_config(app: Any, config: Config) -> uvicorn.Config:
         server_header=False,
         date_header=False,
         proxy_headers=False,
-        timeout_keep_alive=int(limits.keepalive_timeout),
-        timeout_graceful_shutdown=int(config.shutdown_grace),
-        limit_concurrency=limits.max_connections,
+        timeout_graceful_shutdown=config.shutdown_grace,  # type: ignore[arg-type]
         ws_max_size=16 * 1024 * 1024,
     )
 
@@ -115,8 +118,18 @@ class DataPlane:
         self.reloader = Reloader(self.holder, opts.config_path)
         self.health = HealthChecks(metrics.set_backend_up)
         self.reloader.on_config.append(lambda cfg, rt: self.health.update(cfg, rt.upstreams))
-        self.main = _Server(main_server_config(ProxyApp(self.holder, access_log), config))
+        self.access_log = access_log
+        app = ProxyApp(self.holder, access_log)
+        self.main = _Server(main_server_config(app, config, self.refused))
         self.stopping = asyncio.Event()
+
+    def refused(self, status: int, reason: str, client: str) -> None:
+        """A request our protocol answered itself (limits, framing): counted and logged
+        as route none, like any request refused before routing."""
+        o = Outcome(new_request_id(), "-", "-", time.monotonic(), status=status, error=reason)
+        o.client_ip = client
+        self.holder.current.metrics.record(o)
+        self.access_log.log(o)
 
     def snapshot(self) -> dict[str, Any]:
         return snapshot(self.holder.current, self.holder.ready, self.health.status)

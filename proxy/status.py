@@ -7,6 +7,7 @@ the answer with the route definitions of its own runtime. One path for both case
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,11 +33,19 @@ def snapshot(rt: Runtime, ready: bool, health: Mapping[str, bool]) -> dict[str, 
         }
     return {
         "ready": ready,
+        "tasks": _task_count(),
         "routes": routes,
         "window": rt.metrics.window.raw(),
         "span": rt.metrics.window.span,
         "health": dict(health),
     }
+
+
+def _task_count() -> int:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # no running loop (a snapshot taken outside the server)
+        return 0
 
 
 def _shadow_snapshot(state: RouteState) -> dict[str, Any] | None:
@@ -64,6 +73,7 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     window: dict[tuple[str, str], list[Any]] = {}
     health: dict[str, bool | None] = {}
     span = max((snap.get("span", 60.0) for snap in snapshots), default=60.0)
+    tasks = sum(snap.get("tasks", 0) for snap in snapshots)
     for snap in snapshots:
         for name, route in snap["routes"].items():
             _merge_route(routes.setdefault(name, _empty_route()), route)
@@ -79,7 +89,8 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
         if route["shadow"] is not None:
             recent = sorted(route["shadow"]["recent_mismatches"], key=lambda m: -m["time"])
             route["shadow"]["recent_mismatches"] = recent[:RECENT_SHOWN]
-    return {"routes": routes, "window": window, "health": health, "span": span}
+    process = {"workers": len(snapshots), "tasks": tasks}
+    return {"routes": routes, "window": window, "health": health, "span": span, "process": process}
 
 
 def _empty_route() -> dict[str, Any]:
@@ -120,6 +131,7 @@ def render(rt: Runtime, merged: dict[str, Any], last_reload: dict[str, Any]) -> 
         "migrated_share": migrated_share(merged["window"], rt.legacy),
         "legacy": rt.legacy,
         "last_reload": last_reload,
+        "process": merged.get("process", {}),
     }
 
 

@@ -127,3 +127,14 @@ def test_absolute_form_never_reaches_another_host(edge: ProxyProcess, b: Backend
     )
     assert status_of(reply) == 200
     assert b.monolith.requests[-1]["path"] == "/secret"
+
+
+def test_refusals_are_counted_and_logged_as_route_none(edge: ProxyProcess, b: Backends) -> None:
+    import httpx
+
+    send(edge, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n")
+    entry = edge.wait_access(lambda e: e["status"] == 431)
+    assert entry["route"] == "none" and entry["backend"] == "none" and entry["error"]
+    metrics = httpx.get(edge.admin + "/metrics", timeout=5).text
+    line = 'strangler_requests_total{backend="none",method="OTHER",route="none",status="431"}'
+    assert line in metrics
