@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import Backends
-from tests.e2e.harness import ProxyProcess
+from tests.e2e.harness import ProxyProcess, wait_until
 
 TOKEN_ENV = "STRANGLER_E2E_ADMIN_TOKEN"
 UNSET_ENV = "STRANGLER_E2E_UNSET_TOKEN"
@@ -407,6 +407,10 @@ def test_admin_posts_on_the_main_port_go_to_the_backend(proxy: ProxyProcess, b: 
 
 def test_the_admin_port_binds_to_loopback_unless_configured(tokenless: ProxyProcess) -> None:
     p = tokenless
+    # The log is written by a thread: the line may trail readiness a little.
+    assert wait_until(
+        lambda: any(e.get("message") == "strangler is serving" for e in p.log_lines()), 5
+    )
     serving = next(e for e in p.log_lines() if e.get("message") == "strangler is serving")
     assert serving["admin"] == f"http://127.0.0.1:{p.admin_port}"
     with pytest.raises(OSError):
