@@ -150,6 +150,10 @@ class _Guarded(HttpToolsProtocol):
             raise _Refused(503, "Too many client connections.")
         if self.parser.get_method() == b"CONNECT":
             raise _Refused(400, "CONNECT is not served: this is a reverse proxy, not a tunnel.")
+        if self.parser.get_http_version() == "1.1" and not any(
+            k == b"host" for k, _ in self.headers
+        ):
+            raise _Refused(400, "An HTTP/1.1 request must carry a Host header.")  # RFC 9112 §3.2
         super().on_headers_complete()
 
     def _arm_head_timer(self) -> None:

@@ -138,3 +138,11 @@ def test_refusals_are_counted_and_logged_as_route_none(edge: ProxyProcess, b: Ba
     metrics = httpx.get(edge.admin + "/metrics", timeout=5).text
     line = 'strangler_requests_total{backend="none",method="OTHER",route="none",status="431"}'
     assert line in metrics
+
+
+def test_http11_without_host_is_400_http10_without_host_is_served(
+    edge: ProxyProcess, b: Backends
+) -> None:
+    assert status_of(send(edge, b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n")) == 400
+    assert b.monolith.requests == []
+    assert status_of(send(edge, b"GET /x HTTP/1.0\r\n\r\n")) == 200
