@@ -3,7 +3,10 @@
     python bench/floors.py [--runs 3] [--duration 5]
 
 NGINX as a proxy; uvicorn (httptools, uvloop) answering 1 KiB itself; the same bare app
-relaying to the origin with one aiohttp session; and strangler with the demo policies.
+relaying to the origin with one aiohttp session, and with strangler's own client
+(proxy.pool); strangler with the demo policies; and, to see what uvicorn costs, the same
+strangler with its main port on bench/lean_server.py (a measurement prototype without the
+hardening: a bound, not a replacement), with and without the pipeline.
 The differences split strangler's CPU time per request into the server's share, the
 client's and the rest (pipeline, policies, log, metrics).
 """
@@ -57,6 +60,23 @@ class Bare:
         self.proc.wait(10)
 
 
+def lean(workdir: Path, origin: str, *, bare: bool) -> Strangler:
+    """strangler (demo policies) with its main port on bench/lean_server.py."""
+    name = "lean-bare" if bare else "lean"
+    target = Strangler(workdir, "demo", origin, free_port(), free_port(), PROXY_CPU)
+    at = target.command.index("-m")
+    target.command[at : at + 2] = [str(ROOT / "bench" / "lean_server.py")]
+    target.log_path = workdir / f"{name}.log"
+    saved = os.environ.get("LEAN_BARE")
+    os.environ["LEAN_BARE"] = "1" if bare else ""
+    try:
+        return target.start()
+    finally:
+        os.environ.pop("LEAN_BARE")
+        if saved is not None:
+            os.environ["LEAN_BARE"] = saved
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/floors.py", description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=3)
@@ -80,12 +100,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             demo = Strangler(workdir, "demo", origin.url, free_port(), free_port(), PROXY_CPU)
             running.append(demo.start())
             local, forward = Bare("local", origin.url), Bare("forward", origin.url)
-            running += [local, forward]
+            pooled = Bare("pooled", origin.url)
+            running += [local, forward, pooled]
+            lean_demo = lean(workdir, origin.url, bare=False)
+            running.append(lean_demo)
+            lean_bare = lean(workdir, origin.url, bare=True)
+            running.append(lean_bare)
             targets = {
                 "NGINX proxy": (ngx.url, ngx.pids),
                 "uvicorn alone (answers itself)": (local.url, local.pids),
                 "uvicorn + aiohttp relay": (forward.url, forward.pids),
+                "uvicorn + own client relay": (pooled.url, pooled.pids),
                 "strangler, demo policies": (demo.url, demo.pids),
+                "strangler on a lean server": (lean_demo.url, lean_demo.pids),
+                "lean server + own client relay": (lean_bare.url, lean_bare.pids),
             }
             found: dict[tuple[str, int], list[tuple[float, float]]] = {}
             for _ in range(args.runs):

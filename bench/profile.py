@@ -57,8 +57,8 @@ def stage(file: str) -> str | None:
     """The part of the request path a file belongs to; None for the standard library and
     the entry frames under every stack (server.run, cli.main)."""
     top = file.split("/", 1)[0]
-    if top in _CLIENT or file == "proxy/forward.py":
-        return "upstream client (aiohttp, forward.py)"
+    if top in _CLIENT or file in ("proxy/forward.py", "proxy/pool.py"):
+        return "upstream client (pool.py, forward.py)"
     if top in ("uvicorn", "httptools") or file == "proxy/protocol.py":
         return "server (uvicorn, protocol.py)"
     if file == "proxy/logs.py":

@@ -5,11 +5,12 @@ pipeline (HTTP) or the WebSocket relay."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 from proxy import pipeline, websocket
 from proxy.logs import AccessLog
-from proxy.request import DisconnectWatch, Request, Send
+from proxy.request import DisconnectWatch, Request, Send, Watches
 from proxy.runtime import Runtime
 
 
@@ -28,13 +29,18 @@ class ProxyApp:
     def __init__(self, holder: Holder, access_log: AccessLog) -> None:
         self.holder = holder
         self.access_log = access_log
+        self.watches = Watches()
+        # What exists now (modules, the config, the runtime) lives as long as the process:
+        # kept out of the collector's sight, a full collection walks only what requests
+        # made, a few ms instead of ~30 (it was most of the p99 at 64 connections).
+        gc.freeze()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Send) -> None:
         kind = scope["type"]
         runtime = self.holder.current
         if kind == "http":
             req = Request(scope, receive, runtime.trusted)
-            watch = DisconnectWatch(receive, asyncio.current_task())
+            watch = DisconnectWatch(receive, asyncio.current_task(), self.watches)
             await pipeline.handle(runtime, req, send, watch, self.access_log)
         elif kind == "websocket":
             await websocket.handle(runtime, scope, receive, send, self.access_log)

@@ -1,46 +1,47 @@
 """Sending a request to a backend and relaying its answer: the narrow seam to the client.
 
 `Upstream.send(...)` returns an `UpstreamResponse` (status, headers, a body stream) once
-the backend's headers have arrived, and maps the client library's errors onto ours. An
-answer that breaks HTTP is an UpstreamProtocolError: a head our server could not pass on, a
-body cut short or longer than declared; a connection that carried one is never reused. Only
-this module knows aiohttp, so a faster client can replace it without touching the rest.
+the backend's headers have arrived. The client behind it is our own (`proxy.pool`: an
+asyncio Protocol per connection, httptools, a LIFO keep-alive pool per backend) and raises
+only our errors. An answer that breaks HTTP is an UpstreamProtocolError: a head our server
+could not pass on, a body cut short or longer than declared; a connection that carried one
+is never reused. WebSocket upgrades keep aiohttp (`Upstream.ws_session`), imported only
+when a WebSocket is proxied.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import aiohttp
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_parser import RawResponseMessage
-from aiohttp.streams import StreamReader
-from yarl import URL
 
 from proxy.errors import (
     ProxyError,
     UpstreamConnectError,
-    UpstreamConnectTimeout,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
 from proxy.headers import Headers, downstream_response_headers
+from proxy.pool import IDLE_TIMEOUT, Body, Connection, Pool, head_problem
+from proxy.retry import is_replayable
 
-Body = bytes | AsyncIterator[bytes] | None
+if TYPE_CHECKING:
+    import aiohttp
 
-IDLE_TIMEOUT = 4.0
-_SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
-# What a header name and value may hold (RFC 9110 token; HTAB, visible ASCII, obs-text):
-# our server could not send on anything else (a 500), or would split the answer.
-_TOKEN_OR_LF = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\n"
-_VALUE_OR_TAB = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+__all__ = [
+    "IDLE_TIMEOUT",
+    "Body",
+    "BodyErrorSource",
+    "Timeouts",
+    "Upstream",
+    "UpstreamResponse",
+    "close_all",
+    "head_problem",
+    "map_error",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,166 +50,70 @@ class Timeouts:
     read: float
     total: float
 
-    def client_timeout(self, remaining: float | None = None) -> aiohttp.ClientTimeout:
-        total = self.total if remaining is None else max(0.001, remaining)
-        return aiohttp.ClientTimeout(total=total, sock_connect=self.connect, sock_read=self.read)
-
 
 def map_error(exc: BaseException) -> UpstreamError:
-    """The client library's exception as one of ours (SPEC §5's table)."""
+    """An exception of the I/O underneath as one of ours (SPEC §5's table)."""
     if isinstance(exc, UpstreamError):
         return exc
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamConnectTimeout("connecting to the backend timed out")
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, TimeoutError):
         return UpstreamTimeout("the backend did not answer in time")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamConnectError(f"cannot connect to the backend: {exc.os_error or exc}")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return UpstreamProtocolError("the backend's response body was cut short or malformed")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamProtocolError(f"the backend's answer is malformed: {exc.message[:200]}")
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return UpstreamProtocolError("the backend closed the connection without answering")
+    if isinstance(exc, ConnectionRefusedError):
+        return UpstreamConnectError(f"cannot connect to the backend: {exc}")
     return UpstreamProtocolError(f"bad exchange with the backend: {type(exc).__name__}")
-
-
-def head_problem(status: int, raw_headers: Sequence[tuple[bytes, bytes]]) -> str | None:
-    """What keeps a final answer's status and headers from being passed on as they are."""
-    if not 200 <= status <= 599:
-        return f"the backend answered with status {status}"
-    names = b"\n".join([name for name, _ in raw_headers])
-    if names.translate(None, _TOKEN_OR_LF):
-        return "the backend sent a malformed header name"
-    if b"\t".join([value for _, value in raw_headers]).translate(None, _VALUE_OR_TAB):
-        return "the backend sent a control character in a header value"
-    if b"transfer-encoding" in names.lower():
-        for name, value in raw_headers:
-            if name.lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
-                return "the backend sent a transfer coding other than chunked"  # not undone
-    return None
-
-
-class _Handler(ResponseHandler):
-    """A connection that passes on no answer our server could not send (see `head_problem`)
-    and takes no bytes nobody asked for. aiohttp parses whatever a kept-alive connection
-    receives as the next answer and hands it to the next request sent on it: bytes past a
-    backend's declared length would answer someone else's request. Here they close the
-    connection, and spoil the answer they followed if it is still being read."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
-        self._asked = False  # a request is out and its final answer has not ended
-        self._answer: StreamReader | None = None
-
-    def set_response_params(self, **kwargs: Any) -> None:
-        # aiohttp calls this once per request, just before sending it.
-        self._asked, self._answer = True, None
-        super().set_response_params(**kwargs)
-
-    def data_received(self, data: bytes) -> None:
-        if data and not self._asked:
-            self._refuse()
-            return
-        super().data_received(data)
-
-    def feed_data(self, data: tuple[RawResponseMessage, StreamReader], size: int = 0) -> None:
-        if not self._asked:
-            self._refuse()  # a second answer in the same read as the end of the first
-            return
-        message, payload = data
-        if 100 <= message.code <= 199 and message.code != 101:
-            super().feed_data(data, size)  # interim: the final answer is still to come
-            return
-        problem = head_problem(message.code, message.raw_headers)
-        if problem is not None:
-            self.set_exception(HttpProcessingError(message=problem))  # and never reused
-            return
-        self._answer = payload
-        payload.on_eof(self._answered)
-        super().feed_data(data, size)
-
-    def set_exception(self, exc: BaseException, *args: Any) -> None:
-        if not self._asked and isinstance(exc, HttpProcessingError):
-            self._spoil()  # bytes after the answer that did not even parse
-        super().set_exception(exc, *args)
-
-    def _answered(self) -> None:
-        self._asked = False
-
-    def _refuse(self) -> None:
-        self._spoil()
-        if self.transport is not None:
-            self.transport.close()
-
-    def _spoil(self) -> None:
-        if self._answer is not None:
-            error = aiohttp.ClientPayloadError("the backend sent more than the length it declared")
-            self._answer.set_exception(error)
-            self._answer = None
-
-
-class _Connector(aiohttp.TCPConnector):
-    """aiohttp's pool, its connections speaking through `_Handler` (a private hook of
-    aiohttp's, kept here until our own client replaces it)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._factory = functools.partial(_new_handler, loop=self._loop)
-
-
-def _new_handler(loop: asyncio.AbstractEventLoop) -> ResponseHandler:
-    return _Handler(loop)
 
 
 class UpstreamResponse:
     """A backend's answer whose headers have arrived; the body is still on the wire."""
 
-    __slots__ = ("status", "headers", "_resp", "_done", "_owner")
+    __slots__ = ("status", "headers", "_conn", "_owner")
 
-    def __init__(self, resp: aiohttp.ClientResponse, owner: Upstream) -> None:
-        self.status = resp.status
-        self.headers: Headers = downstream_response_headers(resp.raw_headers)
-        self._resp = resp
-        self._done = False
+    def __init__(self, conn: Connection, owner: Upstream) -> None:
+        self.status = conn.status
+        self.headers: Headers = downstream_response_headers(conn.raw)
+        self._conn = conn
         self._owner: Upstream | None = owner
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, without waiting to fill a buffer."""
-        content = self._resp.content
-        try:
-            while True:
-                chunk = await content.readany()
-                if not chunk:
-                    break
-                yield chunk
-        except (TimeoutError, aiohttp.ClientError, OSError, HttpProcessingError) as exc:
-            raise map_error(exc) from exc
-        self._done = True
+        read_chunk = self._conn.read_chunk
+        while True:
+            chunk = await read_chunk()
+            if not chunk:
+                return
+            yield chunk
 
     def at_eof(self) -> bool:
-        return self._resp.content.at_eof()
+        conn = self._conn
+        return conn.complete and not conn.chunks
 
     async def read(self, limit: int) -> bytes:
         """The whole body, up to `limit` bytes (for comparison and fallback decisions)."""
+        conn = self._conn
+        if conn.complete:  # all of it is here already: the common case for small answers
+            data = conn.take() if conn.chunks else b""
+            conn.consumed = True
+            if len(data) > limit:
+                raise UpstreamProtocolError(f"the response body is larger than {limit} bytes")
+            return data
         parts: list[bytes] = []
         size = 0
-        async for chunk in self.chunks():
+        while True:
+            chunk = await conn.read_chunk()
+            if not chunk:
+                return b"".join(parts)
             size += len(chunk)
             if size > limit:
                 raise UpstreamProtocolError(f"the response body is larger than {limit} bytes")
             parts.append(chunk)
-        return b"".join(parts)
 
     def close(self) -> None:
-        """Give the connection back when the body was read to its end, drop it otherwise."""
-        if self._done or self._resp.content.at_eof():
-            self._resp.release()
-        else:
-            self._resp.close()
-        if self._owner is not None:
-            self._owner.release()
-            self._owner = None
+        """Give the connection back when the exchange ended cleanly, close it otherwise."""
+        owner = self._owner
+        if owner is None:
+            return
+        self._owner = None
+        self._conn.pool.release(self._conn)
+        owner.release()
 
 
 class Upstream:
@@ -225,6 +130,10 @@ class Upstream:
         self.host_header: bytes | None = None if preserve_host else parts.netloc.encode()
         self.max_connections = max_connections
         self.settings = (url, max_connections, preserve_host)
+        self._tls = parts.scheme == "https"
+        self._host = parts.hostname or "localhost"
+        self._port = parts.port or (443 if self._tls else 80)
+        self._pool: Pool | None = None
         self._session: aiohttp.ClientSession | None = None
         self.users = 0  # requests between send() and their response's close(), WebSockets
         self.retired = False
@@ -234,28 +143,24 @@ class Upstream:
         target = self.base_path + path
         return f"{target}?{query.decode('latin-1')}" if query else target
 
-    def _client(self) -> aiohttp.ClientSession:
+    def pool(self) -> Pool:
+        if self._pool is None:
+            self._pool = Pool(self._host, self._port, limit=self.max_connections, tls=self._tls)
+        return self._pool
+
+    def ws_session(self) -> aiohttp.ClientSession:
+        """An aiohttp session for WebSocket upgrades only, made on the first one."""
         if self._session is None:
-            connector = _Connector(
-                limit=self.max_connections,
-                limit_per_host=0,
-                # Below the idle timeout of common backends (uvicorn, node: 5 s), so we
-                # close an idle connection before the backend does and never send on one
-                # it is closing (nothing resends a request behind the retry policy).
-                keepalive_timeout=IDLE_TIMEOUT,
-                ttl_dns_cache=10,
-            )
+            import aiohttp
+
             self._session = aiohttp.ClientSession(
-                connector=connector,
+                # One session serves every user: no upstream cookie may pass between them.
                 cookie_jar=aiohttp.DummyCookieJar(),
                 auto_decompress=False,
-                skip_auto_headers=_SKIP_AUTO_HEADERS,
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
                 timeout=aiohttp.ClientTimeout(),
                 trust_env=False,
             )
-            # Every resend is the pipeline's (counted, budgeted, never for a body it cannot
-            # replay), not aiohttp's silent second try of an idempotent request.
-            self._session._retry_connection = False
         return self._session
 
     async def send(
@@ -270,29 +175,31 @@ class Upstream:
         body_error: BodyErrorSource | None = None,
     ) -> UpstreamResponse:
         """Send one attempt; return once the backend's status and headers arrived."""
-        session = self._client()
-        url = URL(self.origin + target, encoded=True)
-        wire_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
-        self.acquire()
+        pool = self._pool or self.pool()
+        total = timeouts.total if remaining is None else max(0.001, remaining)
+        resendable = (body is None or isinstance(body, bytes)) and (
+            is_replayable(method, False) or _has_idempotency_key(headers)
+        )
+        self.users += 1
         try:
-            resp = await session.request(
+            conn = await pool.exchange(
                 method,
-                url,
-                headers=wire_headers,
-                data=body,
-                allow_redirects=False,
-                timeout=timeouts.client_timeout(remaining),
-                compress=None,
-                auto_decompress=False,
+                target,
+                headers,
+                body,
+                connect_timeout=timeouts.connect,
+                read_timeout=timeouts.read,
+                deadline=pool.loop.time() + total,
+                resendable=resendable,
             )
         except BaseException as exc:
             self.release()
             if body_error is not None and body_error.error is not None:
                 raise body_error.error from exc
-            if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError | OSError):
+            if isinstance(exc, OSError | TimeoutError):
                 raise map_error(exc) from exc
             raise
-        return UpstreamResponse(resp, self)
+        return UpstreamResponse(conn, self)
 
     def acquire(self) -> None:
         self.users += 1
@@ -304,7 +211,7 @@ class Upstream:
 
     def retire(self) -> None:
         """A reload no longer uses this pool: close it once its last user is done (also a
-        session a late request of an old snapshot opened after the retirement)."""
+        pool a late request of an old snapshot opened after the retirement)."""
         self.retired = True
         if self.users == 0:
             self._close_soon()
@@ -313,9 +220,19 @@ class Upstream:
         asyncio.ensure_future(self.close())
 
     async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close()
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
+
+
+def _has_idempotency_key(headers: Headers) -> bool:
+    for name, _ in headers:
+        if len(name) == 15 and name.lower() == b"idempotency-key":
+            return True
+    return False
 
 
 class BodyErrorSource:

@@ -28,25 +28,45 @@ HOP_BY_HOP = frozenset(
 _NOT_FORWARDED = HOP_BY_HOP | {b"expect", b"x-request-id", b"proxy", b"x-strangler-shadow"}
 
 
-def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Header names listed in Connection: they are hop-by-hop too."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(tokens)
-
-
-def _is_hop(name: bytes, named: frozenset[bytes]) -> bool:
-    return name in _NOT_FORWARDED or name.startswith(b"proxy-") or name in named
+def _named_by(value: bytes) -> frozenset[bytes]:
+    """The names a Connection header value lists that are not dropped anyway."""
+    value = value.lower()
+    if value == b"keep-alive" or value == b"close":
+        return frozenset()
+    return frozenset(t.strip() for t in value.split(b",") if t.strip()) - _NOT_FORWARDED
 
 
 def is_sane_request_id(value: bytes) -> bool:
     return 0 < len(value) <= 128 and all(0x21 <= b <= 0x7E for b in value)
 
 
+class _Randomness:
+    """os.urandom read 4 KiB at a time: one system call per 512 request ids, not one each.
+    A forked worker starts with none, so no two processes hand out the same bytes."""
+
+    __slots__ = ("data", "at")
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.at = 0
+
+    def take8(self) -> bytes:
+        at = self.at
+        if at + 8 > len(self.data):
+            self.data, at = os.urandom(4096), 0
+        self.at = at + 8
+        return self.data[at : at + 8]
+
+    def forget(self) -> None:
+        self.data, self.at = b"", 0
+
+
+_randomness = _Randomness()
+os.register_at_fork(after_in_child=_randomness.forget)
+
+
 def new_request_id() -> str:
-    return os.urandom(8).hex()
+    return _randomness.take8().hex()
 
 
 def upstream_request_headers(
@@ -58,34 +78,43 @@ def upstream_request_headers(
     request_id: str,
 ) -> Headers:
     """What the backend receives, Host aside (it depends on the backend: see `with_host`):
-    the client's headers less hop-by-hop ones, X-Forwarded-* and X-Request-ID set."""
-    headers = list(headers)
-    named = connection_tokens(headers)
+    the client's headers less hop-by-hop ones, X-Forwarded-* and X-Request-ID set. Names
+    are lower case, as the ASGI server gives them."""
     out: Headers = []
     client_host: bytes | None = None
     forwarded_for: list[bytes] = []
     proto: bytes | None = None
     forwarded_host: bytes | None = None
-    for name, value in headers:
+    named: frozenset[bytes] | None = None
+    for pair in headers:
+        name = pair[0]
         if name == b"host":
-            client_host = value
+            client_host = pair[1]
         elif name == b"x-forwarded-for":
-            forwarded_for.append(value)
+            forwarded_for.append(pair[1])
         elif name == b"x-forwarded-proto":
-            proto = value
+            proto = pair[1]
         elif name == b"x-forwarded-host":
-            forwarded_host = value
-        elif not _is_hop(name, named):
-            out.append((name, value))
+            forwarded_host = pair[1]
+        elif name in _NOT_FORWARDED or name.startswith(b"proxy-"):
+            if name == b"connection":
+                named = (named or frozenset()) | _named_by(pair[1])
+        else:
+            out.append(pair)
+    if named:
+        out = [pair for pair in out if pair[0] not in named]
     if not peer_is_trusted:
         proto, forwarded_host = None, None
     forwarded_for.append(peer.encode())
-    head: Headers = [(b"x-forwarded-for", b", ".join(forwarded_for))]
-    head.append((b"x-forwarded-proto", proto or scheme.encode()))
+    head: Headers = [
+        (b"x-forwarded-for", b", ".join(forwarded_for)),
+        (b"x-forwarded-proto", proto or scheme.encode()),
+    ]
     if forwarded_host or client_host:
         head.append((b"x-forwarded-host", forwarded_host or client_host or b""))
     head.append((b"x-request-id", request_id.encode()))
-    return head + out
+    head += out
+    return head
 
 
 def with_host(headers: Headers, host: bytes | None, client_host: bytes | None) -> Headers:
@@ -95,14 +124,20 @@ def with_host(headers: Headers, host: bytes | None, client_host: bytes | None) -
 
 
 def downstream_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Headers:
-    """The backend's response headers less hop-by-hop ones, order and repeats kept."""
-    raw = list(raw)
-    named = connection_tokens(raw)
-    return [
-        (name, value)
-        for name, value in raw
-        if not _is_hop(name.lower(), named) and name.lower() != b"x-request-id"
-    ]
+    """The backend's response headers less hop-by-hop ones (and its X-Request-ID: ours is
+    returned), order and repeats kept."""
+    out: Headers = []
+    named: frozenset[bytes] | None = None
+    for pair in raw:
+        lower = pair[0].lower()
+        if lower in _NOT_FORWARDED or lower.startswith(b"proxy-"):
+            if lower == b"connection":
+                named = (named or frozenset()) | _named_by(pair[1])
+            continue
+        out.append(pair)
+    if named:
+        out = [pair for pair in out if pair[0].lower() not in named]
+    return out
 
 
 class TrustedProxies:

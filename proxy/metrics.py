@@ -1,8 +1,10 @@
 """Every metric of SPEC §9, defined once, and the sinks the data plane reports into.
 
-Labelled children are cached per label tuple, so recording a request is a dict lookup and
-two increments. With several workers prometheus_client's multiprocess mode is on
-(PROMETHEUS_MULTIPROC_DIR); each gauge says how workers combine.
+Labelled children are made on first use and cached: recording a request looks up the
+children bound to its (route, backend) once, then counts. Nothing is made per route up
+front except what SPEC §9 shows for every route (split, breaker state). With several
+workers prometheus_client's multiprocess mode is on (PROMETHEUS_MULTIPROC_DIR); each gauge
+says how workers combine.
 
 Only the series of the table are exposed: no `*_created` companions (prometheus_client adds
 them to the text format of one process, never to the multiprocess aggregate), and the two
@@ -18,7 +20,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from proxy.outcome import Outcome
-from proxy.stats import Window
+from proxy.stats import Series, Window
 
 BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -125,6 +127,8 @@ class Metrics:
         # Absent unless a shared breaker storage is configured (SPEC §9): made on first use.
         self.breaker_storage_up: Gauge | None = None
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._pairs: dict[tuple[str, str], _Pair] = {}
+        self._in_flight: dict[str, Any] = {}
         self.window = Window()
 
     def retain(self, routes: set[str], roles: Mapping[str, str]) -> None:
@@ -161,6 +165,8 @@ class Metrics:
             return
         metric.remove(*key[1:])
         del self._children[key]
+        if metric is self.bulkhead_in_flight:
+            self._in_flight.pop(key[1], None)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -170,10 +176,22 @@ class Metrics:
         return child
 
     def record(self, o: Outcome) -> None:
-        method = o.method if o.method in KNOWN_METHODS else "OTHER"
-        self._child(self.requests, o.route, o.backend, method, str(o.status)).inc()
-        self._child(self.duration, o.route, o.backend).observe(o.duration)
-        self.window.add(o.route, o.backend, o.status, o.duration)
+        pair = self._pairs.get((o.route, o.backend))
+        key = (o.method if o.method in KNOWN_METHODS else "OTHER", o.status)
+        counter = None if pair is None else pair.requests.get(key)
+        if counter is None:
+            counter = self._child(self.requests, o.route, o.backend, key[0], str(o.status))
+            pair = pair or self._pair(o.route, o.backend)
+            pair.requests[key] = counter
+        assert pair is not None
+        counter.inc()
+        pair.duration.observe(o.duration)
+        pair.series.add(o.status >= 500, o.duration)
+
+    def _pair(self, route: str, backend: str) -> _Pair:
+        pair = _Pair(self._child(self.duration, route, backend), self.window.series(route, backend))
+        self._pairs[(route, backend)] = pair
+        return pair
 
     def upstream_failure(self, route: str, backend: str, reason: str) -> None:
         self._child(self.upstream_failures, route, backend, reason).inc()
@@ -191,14 +209,21 @@ class Metrics:
         self._child(self.fallbacks, route, backend, fallback).inc()
 
     def set_in_flight(self, route: str, value: int) -> None:
-        self._child(self.bulkhead_in_flight, route).set(value)
+        child = self._in_flight.get(route)
+        if child is None:
+            child = self._in_flight[route] = self._child(self.bulkhead_in_flight, route)
+        child.set(value)
 
     def bulkhead_rejection(self, route: str) -> None:
         self._child(self.bulkhead_rejections, route).inc()
 
     def set_split(self, route: str, weights: Mapping[str, int], backends: Any) -> None:
+        """Every backend's share of `route`; a backend the route never sent traffic to has
+        no series (not a 0: with many routes and backends those are most of the memory)."""
         for backend in backends:
-            self._child(self.split_percent, route, backend).set(weights.get(backend, 0))
+            weight = weights.get(backend, 0)
+            if weight or (id(self.split_percent), route, backend) in self._children:
+                self._child(self.split_percent, route, backend).set(weight)
 
     def shadow_result(self, route: str, backend: str, result: str) -> None:
         self._child(self.shadow_results, route, backend, result).inc()
@@ -221,3 +246,14 @@ class Metrics:
                 registry=self.registry,
             )
         self.breaker_storage_up.set(1 if up else 0)
+
+
+class _Pair:
+    """The children one (route, backend) records into, bound on its first request."""
+
+    __slots__ = ("duration", "series", "requests")
+
+    def __init__(self, duration: Any, series: Series) -> None:
+        self.duration = duration
+        self.series = series
+        self.requests: dict[tuple[str, int], Any] = {}  # (method, status) -> counter child

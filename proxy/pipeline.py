@@ -127,7 +127,10 @@ def _match(rt: Runtime, req: Request) -> tuple[RouteState, str]:
 
 async def _exchange(ex: _Exchange, state: RouteState, choice: Choice, path: str) -> None:
     req, rt = ex.req, ex.rt
-    body, held = await _read_body(ex, state)
+    if req.has_body:
+        body, held = await _read_body(ex, state)
+    else:
+        body, held = None, True  # nothing to read; the watch started in `handle`
     replayable = held and is_replayable(
         req.method, req.header_bytes(b"idempotency-key") is not None
     )

@@ -33,6 +33,7 @@ class Request:
         "_map",
         "_cookies",
         "_client_ip",
+        "_length",
     )
 
     def __init__(self, scope: dict[str, Any], receive: Receive, trusted: TrustedProxies) -> None:
@@ -50,6 +51,7 @@ class Request:
         self._map: dict[str, str] | None = None
         self._cookies: dict[str, str] | None = None
         self._client_ip: str | None = None
+        self._length: int | None | bool = False  # False: not parsed yet
         sent_id = self.header_bytes(b"x-request-id")
         self.request_id = (
             sent_id.decode("ascii")
@@ -107,21 +109,26 @@ class Request:
 
     @property
     def host(self) -> str | None:
-        return self.header("host")
+        host = self.header_bytes(b"host")
+        return None if host is None else host.decode("latin-1")
 
     def content_length(self) -> int | None:
         """The declared body length; None when there is none (or chunked)."""
-        value = self.header_bytes(b"content-length")
-        if value is None:
-            return None
-        if not value.isdigit():
-            raise BadRequest("malformed Content-Length")
-        return int(value)
+        length = self._length
+        if length is False:
+            value = self.header_bytes(b"content-length")
+            if value is None:
+                length = None
+            elif not value.isdigit():
+                raise BadRequest("malformed Content-Length")
+            else:
+                length = int(value)
+            self._length = length
+        return length
 
     @property
     def has_body(self) -> bool:
-        length = self.content_length()
-        return bool(length) or self.header_bytes(b"transfer-encoding") is not None
+        return bool(self.content_length()) or self.header_bytes(b"transfer-encoding") is not None
 
     @property
     def elapsed(self) -> float:
@@ -193,20 +200,79 @@ class RequestBody(BodyErrorSource):
                 yield chunk
 
 
+WATCH_AFTER = 0.1  # seconds a request runs before its client is watched
+
+
+class Watches:
+    """The requests whose client is to be watched once they have run WATCH_AFTER seconds:
+    one timer ticks for all of them (a request only enters and leaves a dict), not a timer
+    or a task each. Most requests are over before their watch would start."""
+
+    __slots__ = ("_pending", "_timer", "_loop")
+
+    def __init__(self) -> None:
+        self._pending: dict[DisconnectWatch, float] = {}  # in order of arrival
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, watch: DisconnectWatch) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        self._pending[watch] = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_later(WATCH_AFTER / 2, self._tick)
+
+    def discard(self, watch: DisconnectWatch) -> None:
+        self._pending.pop(watch, None)
+
+    def _tick(self) -> None:
+        self._timer = None
+        loop = self._loop
+        assert loop is not None
+        due = loop.time() - WATCH_AFTER
+        pending = self._pending
+        ready = []
+        for watch, since in pending.items():
+            if since > due:
+                break
+            ready.append(watch)
+        for watch in ready:
+            del pending[watch]
+            watch.begin()
+        if pending:
+            self._timer = loop.call_later(WATCH_AFTER / 2, self._tick)
+
+
 class DisconnectWatch:
     """Cancels the request's task when the client goes away, once the body is read (only
-    then is `receive` free to tell us). A cancelled request releases its upstream at once."""
+    then is `receive` free to tell us). A cancelled request releases its upstream at once.
 
-    __slots__ = ("_receive", "_task", "_watcher", "fired")
+    The watch (a task waiting on `receive`) starts once the request has run for about
+    WATCH_AFTER seconds (see `Watches`); a client gone earlier is seen as soon as it starts."""
 
-    def __init__(self, receive: Receive, task: asyncio.Task[Any] | None) -> None:
+    __slots__ = ("_receive", "_task", "_watches", "_watcher", "_waiting", "fired")
+
+    def __init__(
+        self, receive: Receive, task: asyncio.Task[Any] | None, watches: Watches | None = None
+    ) -> None:
         self._receive = receive
         self._task = task
+        self._watches = watches if watches is not None else Watches()
         self._watcher: asyncio.Task[None] | None = None
+        self._waiting = False
         self.fired = False
 
     def start(self) -> None:
-        if self._task is not None and self._watcher is None:
+        if self._task is not None and self._watcher is None and not self._waiting:
+            self._waiting = True
+            self._watches.add(self)
+
+    def begin(self) -> None:
+        """Start watching now (called by `Watches`)."""
+        self._waiting = False
+        task = self._task
+        if task is not None and not task.done() and self._watcher is None:
             self._watcher = asyncio.ensure_future(self._watch())
 
     async def _watch(self) -> None:
@@ -219,6 +285,9 @@ class DisconnectWatch:
             self._task.cancel()
 
     def stop(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self._watches.discard(self)
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None

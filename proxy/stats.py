@@ -99,11 +99,15 @@ class Window:
         return min(float(WINDOW), self._clock() - self._started)
 
     def add(self, route: str, backend: str, status: int, seconds: float) -> None:
+        self.series(route, backend).add(status >= 500, seconds)
+
+    def series(self, route: str, backend: str) -> Series:
+        """(route, backend)'s ring, made on first use; a caller may keep it."""
         key = (route, backend)
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = Series(self._clock)
-        series.add(status >= 500, seconds)
+        return series
 
     def raw(self) -> list[tuple[str, str, int, int, dict[int, int]]]:
         """Each (route, backend) with its window's requests, errors and latency histogram."""

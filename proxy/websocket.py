@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
-
-import aiohttp
-from yarl import URL
+from typing import TYPE_CHECKING, Any
 
 from proxy.errors import ProxyError, UpstreamConnectError, UpstreamTimeout, problem
 from proxy.headers import upstream_request_headers, with_host
@@ -18,6 +15,9 @@ from proxy.outcome import Outcome
 from proxy.request import Request, Send
 from proxy.routing import host_of, normalize, strip_prefix
 from proxy.runtime import Runtime
+
+if TYPE_CHECKING:
+    import aiohttp
 
 # Negotiated by each hop on its own; the upstream client sets its own.
 _HANDSHAKE = frozenset(
@@ -67,10 +67,13 @@ async def _relay(
         request_id=req.request_id,
     )
     headers = with_host(headers, upstream.host_header, req.header_bytes(b"host"))
+    import aiohttp  # only a WebSocket needs it: not imported by a proxy that sees none
+    from yarl import URL
+
     url = URL(
         upstream.origin.replace("http", "ws", 1) + upstream.target(path, req.query), encoded=True
     )
-    session = upstream._client()
+    session = upstream.ws_session()
     # A reload that retires this backend's pool closes it once `users` is 0: a WebSocket
     # uses the pool for as long as it is open, so it counts as a user until it ends.
     upstream.acquire()
@@ -126,6 +129,8 @@ class _HandshakeRefused(ProxyError):
 
 
 async def _pump(ws: aiohttp.ClientWebSocketResponse, receive: Any, send: Send) -> None:
+    import aiohttp
+
     to_upstream = asyncio.ensure_future(_client_to_upstream(ws, receive))
     try:
         while True:
