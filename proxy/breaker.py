@@ -18,13 +18,23 @@ asyncio proxy needs on top:
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from typing import NoReturn
 
-import pybreaker
+# pybreaker imports redis (7 MiB) when it is installed, for a storage of its own that we do
+# not use: hide it during the import, so only a configured breaker.storage loads redis.
+_HIDE_REDIS = "redis" not in sys.modules
+if _HIDE_REDIS:
+    sys.modules["redis"] = None  # type: ignore[assignment]
+try:
+    import pybreaker
+finally:
+    if _HIDE_REDIS:
+        del sys.modules["redis"]
 
-__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Breaker", "Ticket"]
+__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Breaker", "Ticket", "pybreaker"]
 
 CLOSED: str = pybreaker.STATE_CLOSED
 OPEN: str = pybreaker.STATE_OPEN

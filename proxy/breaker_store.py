@@ -31,15 +31,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import pybreaker
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from proxy.breaker import CLOSED, OPEN, Breaker, pybreaker
 
-from proxy.breaker import CLOSED, OPEN, Breaker
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 from proxy.logs import event
 
 __all__ = ["BreakerStores", "SharedBreakerStore", "SharedStorage", "Transition"]
@@ -306,6 +304,11 @@ class SharedBreakerStore:
                 self._dirty.add(key)
 
     def _connect(self) -> Redis:
+        # Imported here: a proxy without a shared breaker storage never loads redis.
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
         if self._client is None:
             self._client = Redis.from_url(
                 self.url,

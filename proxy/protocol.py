@@ -178,8 +178,11 @@ class _Guarded(HttpToolsProtocol):
         self._cancel_head_timer()
         if self.transport is None or self.transport.is_closing():
             return
-        if self.cycle is not None and self.cycle.response_started:
-            self.transport.close()  # too late for an answer of ours (a trailer over the limit)
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            # Too late for an answer of ours (a trailer over the limit). A finished cycle is
+            # the previous request's on a kept-alive connection: this one still gets one.
+            self.transport.close()
             return
         if self.ON_REFUSAL is not None:
             self.ON_REFUSAL(status, reason, self.client[0] if self.client else "")

@@ -146,3 +146,19 @@ def test_http11_without_host_is_400_http10_without_host_is_served(
     assert status_of(send(edge, b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n")) == 400
     assert b.monolith.requests == []
     assert status_of(send(edge, b"GET /x HTTP/1.0\r\n\r\n")) == 200
+
+
+def test_a_bad_request_after_a_good_one_on_a_kept_alive_connection_gets_its_400(
+    edge: ProxyProcess, b: Backends
+) -> None:
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as s:
+        s.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        s.sendall(
+            b"GET /second HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+        )
+        second = b""
+        while chunk := s.recv(65536):
+            second += chunk
+    assert second.startswith(b"HTTP/1.1 400"), second[:80]
