@@ -37,7 +37,7 @@ class Control(Protocol):
 
     def set_split(self, route: str, weights: Mapping[str, int] | None) -> None: ...
 
-    def reload(self) -> dict[str, Any]: ...
+    async def reload(self) -> dict[str, Any]: ...
 
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
@@ -126,7 +126,7 @@ def create_admin(control: Control) -> Starlette:
         refusal = _authorized(request, control.token_env)
         if refusal is not None:
             return refusal
-        result = control.reload()
+        result = await control.reload()
         if result["result"] != "success":
             return problem(
                 400, "Invalid config", "the config was not reloaded", errors=result["errors"]

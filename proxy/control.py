@@ -73,8 +73,8 @@ class AdminControl:
             raise KeyError(route)
         self.reloader.set_split(route, None if weights is None else check_split(weights, rt))
 
-    def reload(self) -> dict[str, Any]:
-        return self.reloader.reload().as_dict()
+    async def reload(self) -> dict[str, Any]:
+        return (await self.reloader.reload_async()).as_dict()
 
     async def settle(self) -> None:
         """Return once a change made through this control is live in every data plane (at

@@ -205,8 +205,10 @@ class ControlSide:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, drain, sig.name)
-        loop.add_signal_handler(signal.SIGHUP, reloader.reload)
-        watch = FileWatch(opts.config_path, reloader.reload, opts.watch_interval)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: asyncio.ensure_future(reloader.reload_async())
+        )
+        watch = FileWatch(opts.config_path, reloader.reload_async, opts.watch_interval)
         self._watch = asyncio.ensure_future(watch.run())
         self._admin = asyncio.ensure_future(self.admin.serve(sockets=[admin_sock]))
 

@@ -569,3 +569,41 @@ def test_every_worker_reloads(workers2: ProxyProcess, backends: Backends) -> Non
     assert fresh_connections(p, "/flip/") == {"monolith": 40}
     assert reloads(p, "failure") == 1
     assert reloads(p, "success") == 3
+
+
+def test_reloading_a_large_config_does_not_stall_requests(b: Backends, tmp_path: Path) -> None:
+    """Parsing and validating 2,000 routes takes about a second: on a thread, not the loop."""
+    routes = "\n".join(
+        f"  - {{name: r{i:04d}, match: {{prefix: /r{i:04d}}}, backend: orders}}"
+        for i in range(2000)
+    )
+    text = (
+        f'version: 1\nlegacy: monolith\nbackends:\n  monolith: {{url: "{b.monolith_url}"}}\n'
+        f'  orders: {{url: "{b.orders_url}"}}\nroutes:\n{routes}\n'
+    )
+    p = ProxyProcess(text, tmp_path, env={"STRANGLER_ADMIN_TOKEN": TOKEN}).start()
+    try:
+        worst = [0.0]
+        stop = threading.Event()
+
+        def probe() -> None:
+            with httpx.Client(timeout=10) as client:
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    assert client.get(p.url + "/r0007/x").status_code == 200
+                    worst[0] = max(worst[0], time.monotonic() - t0)
+
+        thread = threading.Thread(target=probe)
+        thread.start()
+        time.sleep(0.3)
+        worst[0] = 0.0
+        t0 = time.monotonic()
+        r = httpx.post(p.admin + "/api/reload", headers=AUTH, timeout=30)
+        took = time.monotonic() - t0
+        stop.set()
+        thread.join(10)
+        assert r.status_code == 200
+        print(f"reload of 2,000 routes took {took:.2f} s; worst request meanwhile {worst[0]:.3f} s")
+        assert worst[0] < took / 2, "requests waited for the reload to parse"
+    finally:
+        p.stop()

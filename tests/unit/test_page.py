@@ -37,7 +37,7 @@ class FakeControl:
     def set_split(self, route: str, weights: Mapping[str, int] | None) -> None:
         return None
 
-    def reload(self) -> dict[str, Any]:
+    async def reload(self) -> dict[str, Any]:
         return {"result": "success"}
 
 

@@ -188,8 +188,12 @@ class Calls:
     def __init__(self) -> None:
         self.n = 0
 
-    def __call__(self) -> None:
+    async def __call__(self) -> None:
         self.n += 1
+
+
+def poll(watch: FileWatch) -> bool:
+    return asyncio.run(watch.poll())
 
 
 def test_watch_ignores_an_untouched_file(tmp_path: Path) -> None:
@@ -197,7 +201,7 @@ def test_watch_ignores_an_untouched_file(tmp_path: Path) -> None:
     path.write_text(text())
     calls = Calls()
     watch = FileWatch(path, calls)
-    assert not watch.poll() and not watch.poll()
+    assert not poll(watch) and not poll(watch)
     assert calls.n == 0
 
 
@@ -209,8 +213,8 @@ def test_watch_sees_an_edit_in_place(tmp_path: Path) -> None:
     inode = path.stat().st_ino
     path.write_text(text(pct=100))
     assert path.stat().st_ino == inode
-    assert watch.poll() and calls.n == 1
-    assert not watch.poll() and calls.n == 1  # once per change
+    assert poll(watch) and calls.n == 1
+    assert not poll(watch) and calls.n == 1  # once per change
 
 
 def test_watch_sees_an_atomic_rename_even_of_the_same_size(tmp_path: Path) -> None:
@@ -224,7 +228,7 @@ def test_watch_sees_an_atomic_rename_even_of_the_same_size(tmp_path: Path) -> No
     os.utime(tmp, ns=(before.st_atime_ns, before.st_mtime_ns))  # only the inode differs
     os.replace(tmp, path)
     assert path.stat().st_size == before.st_size
-    assert watch.poll() and calls.n == 1
+    assert poll(watch) and calls.n == 1
 
 
 def configmap(root: Path, version: str, body: str) -> None:
@@ -243,11 +247,11 @@ def test_watch_sees_a_configmap_symlink_swap(tmp_path: Path) -> None:
     path.symlink_to("..data/strangler.yaml")
     calls = Calls()
     watch = FileWatch(path, calls)
-    assert not watch.poll()
+    assert not poll(watch)
     configmap(tmp_path, "2024_01_01_00_01_00.2", text(pct=35))  # same size
     assert path.is_symlink() and load(path).routes[0].weights["orders"] == 35
-    assert watch.poll() and calls.n == 1
-    assert not watch.poll()
+    assert poll(watch) and calls.n == 1
+    assert not poll(watch)
 
 
 def test_watch_waits_out_a_missing_file(tmp_path: Path) -> None:
@@ -256,9 +260,9 @@ def test_watch_waits_out_a_missing_file(tmp_path: Path) -> None:
     calls = Calls()
     watch = FileWatch(path, calls)
     path.unlink()
-    assert not watch.poll() and calls.n == 0
+    assert not poll(watch) and calls.n == 0
     path.write_text(text(pct=50))
-    assert watch.poll() and calls.n == 1
+    assert poll(watch) and calls.n == 1
 
 
 async def test_the_watch_outlives_a_failing_callback(tmp_path: Path) -> None:
@@ -345,7 +349,7 @@ def test_the_admin_api_answers_a_change_only_once_it_is_settled(
         def set_split(self, route: str, weights: Any) -> None:
             steps.append(f"split {route} {weights}")
 
-        def reload(self) -> dict[str, Any]:
+        async def reload(self) -> dict[str, Any]:
             steps.append("reload")
             return {"result": "success", "errors": []}
 
