@@ -442,3 +442,9 @@ routes:
     assert "fallback monolith" in flat
     assert "shadow monolith 10% compared" in flat
     assert "max_body 1MiB" in flat
+
+
+def test_lone_surrogates_are_reported_with_their_line_whatever_the_yaml_parser() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_text("version: 1\nlegacy: \ud800\n", "s.yaml")
+    assert any(i.line == 2 and "#xd800" in i.message for i in caught.value.issues)
