@@ -1,0 +1,143 @@
+"""Paired A/B of strangler at a git revision against the working tree, under the pinning of
+bench/run.py:
+
+    python bench/ab.py [--base HEAD] [--rounds 5] [--duration 4] [--scenario demo]
+
+On a shared machine whose speed drifts by tens of percent from minute to minute, two
+medians taken minutes apart say little; here the two versions (and NGINX as a yardstick)
+are measured alternately, seconds apart, and each round's ratio B/A is reported with the
+median of the ratios. The base revision is checked out with `git worktree` into a
+temporary directory and run from there with the same interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import nginx, procstat, wrk  # noqa: E402
+from bench.main import HEADERS, free_port, write_bodies  # noqa: E402
+from bench.model import CLIENT_CPU, PROXY_CPU  # noqa: E402
+from bench.strangler import ROOT, Strangler  # noqa: E402
+
+
+class _At(Strangler):
+    """strangler started from another checkout (`python -m proxy` takes the cwd's package)."""
+
+    def __init__(self, checkout: Path, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.checkout = checkout
+
+    def start(self, timeout: float = 30.0) -> Strangler:
+        import bench.strangler as module
+
+        saved = module.ROOT
+        module.ROOT = self.checkout
+        try:
+            return super().start(timeout)
+        finally:
+            module.ROOT = saved
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/ab.py", description=__doc__.split("\n")[0])
+    p.add_argument("--base", default="HEAD", help="git revision for A (default HEAD)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--duration", type=float, default=4.0)
+    p.add_argument("--scenario", default="demo", choices=("plain", "demo", "routes1000"))
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="strangler-ab-") as tmp:
+        workdir = Path(tmp)
+        workdir.chmod(0o755)
+        base = workdir / "base"
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base), args.base],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            return _compare(workdir, base, args)
+        finally:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)],
+                check=False,
+                capture_output=True,
+            )
+
+
+def _compare(workdir: Path, base: Path, args: argparse.Namespace) -> int:
+    write_bodies(workdir / "www")
+    port, proxy_port = free_port(), free_port()
+    origin = nginx.Nginx(
+        workdir, "origin", nginx.origin_config(workdir, port, workdir / "www"), port, CLIENT_CPU
+    )
+    ngx = nginx.Nginx(
+        workdir, "proxy", nginx.proxy_config(workdir, proxy_port, port), proxy_port, PROXY_CPU
+    )
+    running: list[Strangler | nginx.Nginx] = [origin, ngx]
+    found: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    try:
+        origin.start("/bench/1k")
+        ngx.start("/bench/1k")
+        a_dir, b_dir = workdir / "a", workdir / "b"
+        a_dir.mkdir()
+        b_dir.mkdir()
+        a = _At(base, a_dir, args.scenario, origin.url, free_port(), free_port(), PROXY_CPU)
+        running.append(a.start())
+        b = _At(ROOT, b_dir, args.scenario, origin.url, free_port(), free_port(), PROXY_CPU)
+        running.append(b.start())
+        targets: dict[str, tuple[str, Callable[[], list[int]]]] = {
+            "NGINX": (ngx.url, ngx.pids),
+            f"A {args.base}": (a.url, a.pids),
+            "B working tree": (b.url, b.pids),
+        }
+        for i in range(args.rounds):
+            for conns in (64, 1):
+                order = list(targets.items())
+                if i % 2:
+                    order[1], order[2] = order[2], order[1]
+                for name, (url, pids) in order:
+                    found.setdefault((name, conns), []).append(
+                        _measure(url + "/bench/1k", pids, conns, args.duration)
+                    )
+    finally:
+        for proc in reversed(running):
+            proc.stop()
+    names = list(targets)
+    print(f"{args.rounds} rounds of {args.duration:g} s, 1 KiB, {args.scenario}, medians")
+    for conns in (64, 1):
+        print(f"\n{conns} connection(s)   req/s    CPU µs/req   p50 ms")
+        for name in names:
+            runs = found[(name, conns)]
+            rps, cpu, p50 = (statistics.median(r[k] for r in runs) for k in range(3))
+            print(f"  {name:18} {rps:>8,.0f} {cpu:>10.1f} {p50:>10.3f}")
+        pairs = zip(found[(names[1], conns)], found[(names[2], conns)], strict=True)
+        ratios = [(b[0] / a[0], b[1] / a[1], b[2] / a[2]) for a, b in pairs]
+        each = ", ".join(f"{r[0]:.2f}" for r in ratios)
+        print(
+            f"  B/A per round: req/s {statistics.median(r[0] for r in ratios):.3f} ({each}), "
+            f"CPU/req {statistics.median(r[1] for r in ratios):.3f}, "
+            f"p50 {statistics.median(r[2] for r in ratios):.3f}"
+        )
+    return 0
+
+
+def _measure(
+    url: str, pids: Callable[[], list[int]], conns: int, duration: float
+) -> tuple[float, float, float]:
+    before = procstat.cpu_seconds(pids())
+    cmd = wrk.command(url, connections=conns, duration=duration, cpu=CLIENT_CPU, headers=HEADERS)
+    result, _ = wrk.run(cmd)
+    cpu = procstat.cpu_seconds(pids()) - before
+    return result.rps, cpu / max(1, result.requests) * 1e6, result.p50_ms
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
