@@ -388,6 +388,9 @@ class Limits(Model):
     max_header_bytes: PositiveInt = 65536
     max_headers: PositiveInt = 100
     header_timeout: Seconds = Field(default=10.0, description="to receive a request's headers")
+    body_timeout: Seconds = Field(
+        default=30.0, description="between two pieces of a request body (408 past it)"
+    )
     keepalive_timeout: Seconds = Field(default=75.0, description="idle keep-alive connections")
     max_connections: PositiveInt = 10000
 

@@ -41,6 +41,11 @@ class BodyTooLarge(ProxyError):
     title = "Request body too large"
 
 
+class BodyTimeout(ProxyError):
+    status = 408
+    title = "Request body not received in time"
+
+
 class Unavailable(ProxyError):
     status = 503
     title = "Service unavailable"

@@ -1,6 +1,10 @@
 """The order of a request's steps, and the only place that knows it:
 
-    match -> choose -> bulkhead -> [breaker -> attempt -> retry]* -> fallback -> relay -> record
+    match -> choose -> body -> bulkhead -> [breaker -> attempt -> retry]* -> fallback
+          -> relay -> record
+
+(body: a request body of up to 64 KiB is read whole, to be replayed, before a bulkhead slot
+is taken; a larger one streams during the attempt.)
 
 Each step is owned by its own module (routing, split, bulkhead, breaker, retry, forward);
 this one composes them and turns their errors into answers.
@@ -93,11 +97,16 @@ async def handle(
         o.route = route = state.name
         choice = ex.choice = state.chooser.choose(state.split, req)
         o.bucket = choice.bucket
-        if not req.has_body:
+        if req.has_body:
+            # Before the bulkhead: its slots are for the backend's work, not for waiting on
+            # a client's upload (a body too big to hold goes on streaming inside the slot).
+            body, held = await _read_body(ex, state)
+        else:
+            body, held = None, True
             watch.start()  # a client that leaves while queued gives its place up
         try:
             async with state.bulkhead.slot():
-                await _exchange(ex, state, choice, path)
+                await _exchange(ex, state, choice, path, body, held)
         except BulkheadFull:
             rt.metrics.bulkhead_rejection(route)
             raise
@@ -125,12 +134,10 @@ def _match(rt: Runtime, req: Request) -> tuple[RouteState, str]:
     return state, path
 
 
-async def _exchange(ex: _Exchange, state: RouteState, choice: Choice, path: str) -> None:
+async def _exchange(
+    ex: _Exchange, state: RouteState, choice: Choice, path: str, body: Body, held: bool
+) -> None:
     req, rt = ex.req, ex.rt
-    if req.has_body:
-        body, held = await _read_body(ex, state)
-    else:
-        body, held = None, True  # nothing to read; the watch started in `handle`
     replayable = held and is_replayable(
         req.method, req.header_bytes(b"idempotency-key") is not None
     )
@@ -225,7 +232,9 @@ async def _read_body(ex: _Exchange, state: RouteState) -> tuple[Body, bool]:
     if not length and req.header_bytes(b"transfer-encoding") is None:
         ex.watch.start()
         return None, True
-    body = ex.body = RequestBody(req.receive, limit, on_complete=ex.watch.start)
+    body = ex.body = RequestBody(
+        req.receive, limit, on_complete=ex.watch.start, timeout=ex.rt.config.limits.body_timeout
+    )
     head = await body.read_up_to(REPLAY_LIMIT)
     if body.complete and len(head) <= REPLAY_LIMIT:
         return head, True

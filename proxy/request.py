@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from proxy.errors import BadRequest, BodyTooLarge, ClientGone
+from proxy.errors import BadRequest, BodyTimeout, BodyTooLarge, ClientGone
 from proxy.forward import BodyErrorSource
 from proxy.headers import TrustedProxies, is_sane_request_id, new_request_id
 
@@ -136,18 +136,31 @@ class Request:
 
 
 class RequestBody(BodyErrorSource):
-    """The client's body, read from ASGI `receive`, never more than `limit` bytes."""
+    """The client's body, read from ASGI `receive`, never more than `limit` bytes, and
+    never waiting more than `timeout` seconds for its next piece (a client that trickles a
+    body or stops sending it would otherwise hold its connection, memory and, while the body
+    streams, an upstream connection and a bulkhead slot for as long as it likes)."""
 
-    __slots__ = ("_receive", "_limit", "received", "complete", "started", "on_complete")
+    __slots__ = (
+        "_receive",
+        "_limit",
+        "_timeout",
+        "received",
+        "complete",
+        "started",
+        "on_complete",
+    )
 
     def __init__(
         self,
         receive: Receive,
         limit: int | None,
         on_complete: Callable[[], None] | None = None,
+        timeout: float | None = None,
     ) -> None:
         self._receive = receive
         self._limit = limit
+        self._timeout = timeout
         self.received = 0
         self.complete = False
         self.started = False
@@ -159,7 +172,18 @@ class RequestBody(BodyErrorSource):
         if self.complete:
             return b""
         self.started = True
-        message = await self._receive()
+        if self._timeout is None:
+            message = await self._receive()
+        else:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    message = await self._receive()
+            except TimeoutError:
+                self.error = BodyTimeout(
+                    f"no part of the request body came for {self._timeout:g} s "
+                    f"({self.received} bytes received)"
+                )
+                raise self.error from None
         if message["type"] == "http.disconnect":
             self.error = ClientGone("the client went away while sending its body")
             raise self.error

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import Backends
-from tests.e2e.harness import ProxyProcess, raw_request
+from tests.e2e.harness import ProxyProcess, raw_request, wait_until
 
 LIMITS = (
-    "limits: {max_request_line: 200, max_header_bytes: 4096, max_headers: 20, header_timeout: 1}"
+    "limits: {max_request_line: 200, max_header_bytes: 4096, max_headers: 20, header_timeout: 1,"
+    " body_timeout: 1}"
 )
 
 
@@ -27,6 +28,11 @@ legacy: monolith
 backends:
   monolith: {{url: "{backends.monolith_url}"}}
 {LIMITS}
+routes:
+  - name: narrow
+    match: {{prefix: /narrow}}
+    backend: monolith
+    bulkhead: {{max_concurrent: 1, max_queue: 0}}
 """
     workdir: Path = tmp_path_factory.mktemp("edge")
     with ProxyProcess(text, workdir) as p:
@@ -183,3 +189,82 @@ def test_a_bad_request_after_a_good_one_on_a_kept_alive_connection_gets_its_400(
         while chunk := s.recv(65536):
             second += chunk
     assert second.startswith(b"HTTP/1.1 400"), second[:80]
+
+
+def _read_until_closed(s: socket.socket, limit: float = 5.0) -> bytes:
+    s.settimeout(limit)
+    reply = b""
+    while chunk := s.recv(65536):
+        reply += chunk
+    return reply
+
+
+def test_a_body_that_stops_coming_is_cut_off_with_408_and_never_forwarded(
+    edge: ProxyProcess, b: Backends
+) -> None:
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as s:
+        s.sendall(b"POST /stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        t0 = time.monotonic()
+        reply = _read_until_closed(s)  # the connection is closed: its framing is lost
+        elapsed = time.monotonic() - t0
+    assert status_of(reply) == 408, reply[:200]
+    assert b"application/problem+json" in reply and b"10 bytes received" in reply
+    assert 0.8 < elapsed < 4, elapsed
+    assert not any(r["path"] == "/stalled" for r in b.monolith.requests)
+    entry = edge.wait_access(lambda e: e["path"] == "/stalled")
+    assert entry["status"] == 408 and entry["route"] == "default"
+
+
+def test_a_body_sent_in_pieces_within_the_timeout_is_served_however_long_it_takes(
+    edge: ProxyProcess, b: Backends
+) -> None:
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as s:
+        s.sendall(b"POST /paced HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\n")
+        t0 = time.monotonic()
+        for part in (b"ab", b"cd", b"ef"):  # 1.8 s in all; no gap reaches body_timeout (1 s)
+            time.sleep(0.6)
+            s.sendall(part)
+        reply = _read_one_response(s)
+    assert status_of(reply) == 200 and time.monotonic() - t0 > 1.5
+    assert [r["body_size"] for r in b.monolith.requests if r["path"] == "/paced"] == [6]
+
+
+def test_a_streamed_body_that_stalls_gets_408_and_the_backend_sees_it_end(
+    edge: ProxyProcess, b: Backends
+) -> None:
+    size, sent = 300_000, 150_000  # past the 64 KiB held for replay: it streams to the backend
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as s:
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        s.sendall(b"u" * sent)
+        reply = _read_until_closed(s)
+    assert status_of(reply) == 408, reply[:200]
+    assert wait_until(lambda: "/upload" in b.monolith.disconnects, 5, 0.05)
+
+
+def test_clients_slow_to_send_their_bodies_hold_no_bulkhead_slot(
+    edge: ProxyProcess, b: Backends
+) -> None:
+    """narrow admits one request at a time and queues none: three uploads waiting on their
+    clients must not take that slot from a request that is ready."""
+    import httpx
+
+    def tasks() -> int:
+        return int(httpx.get(edge.admin + "/api/routes", timeout=5).json()["process"]["tasks"])
+
+    idle = tasks()
+    slow = [socket.create_connection(("127.0.0.1", edge.port), timeout=5) for _ in range(3)]
+    try:
+        for s in slow:
+            s.sendall(b"POST /narrow/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf")
+        # All three are in, waiting for their bodies (had one taken the slot, the other two
+        # would have had their 503 at once and be gone).
+        assert wait_until(lambda: tasks() >= idle + 3, 5, 0.05), (idle, tasks())
+        ready = raw_request(
+            edge.port, b"GET /narrow/now HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert status_of(ready) == 200, ready[:300]
+        slow[0].sendall(b"-done!")  # the rest of its body: now it is served
+        assert status_of(_read_one_response(slow[0])) == 200
+    finally:
+        for s in slow:
+            s.close()
