@@ -59,6 +59,13 @@ class Metrics:
         self.retries = Counter(
             "strangler_retries_total", "Retried attempts.", ["route", "backend"], registry=r
         )
+        # Beyond SPEC §9: what the retry-budget alert needs to be exact rather than inferred.
+        self.retries_refused = Counter(
+            "strangler_retry_budget_exhausted_total",
+            "Retries a failed attempt qualified for that the route's retry budget refused.",
+            ["route", "backend"],
+            registry=r,
+        )
         self.breaker_state = Gauge(
             "strangler_breaker_state",
             "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
@@ -198,6 +205,9 @@ class Metrics:
 
     def retry(self, route: str, backend: str) -> None:
         self._child(self.retries, route, backend).inc()
+
+    def retry_refused(self, route: str, backend: str) -> None:
+        self._child(self.retries_refused, route, backend).inc()
 
     def set_breaker_state(self, route: str, backend: str, state: str) -> None:
         self._child(self.breaker_state, route, backend).set(BREAKER_VALUES[state])

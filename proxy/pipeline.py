@@ -298,7 +298,7 @@ async def _attempts(
             cause in state.retry.on
             or (isinstance(failure, UpstreamConnectTimeout) and "connect" in state.retry.on)
         )
-        delay = _retry_delay(ex, state, breaker, attempt, deadline) if retried else None
+        delay = _retry_delay(ex, state, breaker, backend, attempt, deadline) if retried else None
         if delay is None:
             raise failure
         if isinstance(failure, UpstreamStatusError):
@@ -320,16 +320,24 @@ def _admit(ex: _Exchange, state: RouteState, backend: str, breaker: Breaker) -> 
 
 
 def _retry_delay(
-    ex: _Exchange, state: RouteState, breaker: Breaker, attempt: int, deadline: float
+    ex: _Exchange,
+    state: RouteState,
+    breaker: Breaker,
+    backend: str,
+    attempt: int,
+    deadline: float,
 ) -> float | None:
     """The pause before retry number `attempt`, or None when there is to be no retry: the
     breaker is no longer closed (nothing goes to an open one, and the half-open trial is one
-    request), the pause would outlast the total timeout, or the budget is spent."""
+    request), the pause would outlast the total timeout, or the budget is spent (counted)."""
     if breaker.state != CLOSED:
         return None
     retry = state.retry
     delay = backoff(attempt, base=retry.backoff, cap=retry.max_backoff, rng=ex.rt.rng)
-    if deadline - time.monotonic() - delay < MIN_ATTEMPT or not state.budget.try_spend():
+    if deadline - time.monotonic() - delay < MIN_ATTEMPT:
+        return None
+    if not state.budget.try_spend():
+        ex.rt.metrics.retry_refused(state.name, backend)
         return None
     return delay
 

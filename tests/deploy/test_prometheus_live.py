@@ -141,6 +141,12 @@ routes:
     match: {{prefix: /status/503}}
     backend: orders
     breaker: {{failure_threshold: 3, reset_timeout: 60}}
+  - name: spent                     # failing faster than the retry budget's floor allows
+    match: {{prefix: /spent}}
+    rewrite: {{strip_prefix: /spent}}
+    backend: orders
+    retry: {{budget: 0}}
+    breaker: {{failure_threshold: 1000}}
   - name: dead                      # nothing listens: connect errors, fallback to legacy
     match: {{prefix: /dead}}
     backend: dead
@@ -227,6 +233,8 @@ def send_traffic(proxy: ProxyProcess, round_: int) -> None:
     with httpx.Client(base_url=proxy.url, timeout=10) as client:
         for user in range(20):
             client.get(f"/api/checkout/{user}", headers={"X-User-Id": f"u{round_}-{user}"})
+        for _ in range(6):  # 18 wanting a retry over 3 rounds: the floor of 10 lets 10 through
+            client.get("/spent/status/503")
         for _ in range(2):
             client.get("/status/503")
             client.get("/dead/1")
@@ -302,6 +310,10 @@ def test_every_panel_and_alert_query_runs_against_real_metrics(
     # what the traffic did shows up as it should
     states = prometheus.series('strangler_breaker_state{route="flaky"}')
     assert states and float(states[0]["value"][1]) == 2, states  # open
+    refused = prometheus.series('strangler_retry_budget_exhausted_total{route="spent"}')
+    # 18 wanted a retry, the floor lets 10 through per 10 s (all of it, unless the rounds
+    # took longer than the window on a slow machine)
+    assert refused and 1 <= float(refused[0]["value"][1]) <= 8, refused
 
     # the template variables' queries (Grafana's label_values) find the routes
     for variable in dashboard()["templating"]["list"]:

@@ -541,7 +541,11 @@ def test_retry_budget_caps_retries_during_a_total_outage(env: Env) -> None:
     assert took < 9, "the budget's window is 10 s: the bound holds for a burst shorter than it"
     assert 10 <= retries <= bound + 2
     labels = {"route": "budget", "backend": "svc"}
-    assert scrape(env).value("strangler_retries_total", **labels) == retries
+    m = scrape(env)
+    assert m.value("strangler_retries_total", **labels) == retries
+    # Each request ends with its attempts used up (2 retries) or with one refused retry.
+    refused = m.value("strangler_retry_budget_exhausted_total", **labels)
+    assert requests - retries // 2 <= refused <= requests
 
 
 # -- 2. circuit breakers ---------------------------------------------------------------

@@ -33,6 +33,8 @@ SPEC: dict[str, tuple[str, frozenset[str]]] = {
     "strangler_backend_info": ("gauge", frozenset({"backend", "role"})),
     "strangler_backend_up": ("gauge", frozenset({"backend"})),
     "strangler_breaker_storage_up": ("gauge", frozenset()),
+    # Beyond the table (the retry-budget alert reads it):
+    "strangler_retry_budget_exhausted_total": ("counter", frozenset({"route", "backend"})),
 }
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
 
@@ -53,6 +55,7 @@ def touch_all(m: Metrics) -> None:
     m.record(outcome())
     m.upstream_failure("orders", "orders", "connect")
     m.retry("orders", "orders")
+    m.retry_refused("orders", "orders")
     m.set_breaker_state("orders", "orders", "open")
     m.breaker_rejection("orders", "orders")
     m.fallback("orders", "orders", "monolith")
