@@ -465,7 +465,7 @@ async def test_a_slow_shadow_never_makes_submit_wait(
     shadow = policy()
     started = time.perf_counter()
     assert shadow.submit(upstream, mirror("/slow"), PRIMARY, TIMEOUTS)
-    assert time.perf_counter() - started < 0.05
+    assert time.perf_counter() - started < 0.5  # the shadow takes 2 s; a loaded CI, ms
     await server.next()
     assert shadow.pending == 1
     await asyncio.wait_for(shadow.close(), WAIT)
