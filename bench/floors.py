@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import nginx, procstat, wrk  # noqa: E402
-from bench.main import HEADERS, free_port, write_bodies  # noqa: E402
+from bench.main import HEADERS, free_port, origin_and_reference  # noqa: E402
 from bench.model import CLIENT_CPU, PROXY_CPU  # noqa: E402
 from bench.strangler import ROOT, Strangler, python  # noqa: E402
 
@@ -85,14 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="strangler-floors-") as tmp:
         workdir = Path(tmp)
         workdir.chmod(0o755)
-        write_bodies(workdir / "www")
-        port, proxy_port = free_port(), free_port()
-        origin = nginx.Nginx(
-            workdir, "origin", nginx.origin_config(workdir, port, workdir / "www"), port, CLIENT_CPU
-        )
-        ngx = nginx.Nginx(
-            workdir, "proxy", nginx.proxy_config(workdir, proxy_port, port), proxy_port, PROXY_CPU
-        )
+        origin, ngx = origin_and_reference(workdir)
         running: list[Bare | Strangler | nginx.Nginx] = [origin, ngx]
         try:
             origin.start("/bench/1k")

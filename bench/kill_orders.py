@@ -261,7 +261,7 @@ def main() -> int:
         f"fallbacks to monolith: "
         f"{delta('strangler_fallbacks_total', fallback='monolith', **labels)}"
     )
-    if closed is not None:
+    if closed is not None and opened is not None:
         print(
             f"breaker closed {closed - rel['back']:.2f} s after orders answered again "
             f"({closed - opened:.2f} s after it opened; reset_timeout "

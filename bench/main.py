@@ -80,6 +80,25 @@ def write_bodies(root: Path) -> None:
     (root / "bench" / "1m").write_bytes(b"y" * (1024 * 1024))
 
 
+def origin_and_reference(workdir: Path) -> tuple[nginx.Nginx, nginx.Nginx]:
+    """The NGINX origin (1 KiB and 1 MiB bodies from workdir/www, on the client's CPU) and
+    NGINX as a proxy in front of it (the reference, on the proxy's CPU); not started."""
+    www = workdir / "www"
+    write_bodies(www)
+    origin_port, proxy_port = free_port(), free_port()
+    origin = nginx.Nginx(
+        workdir, "origin", nginx.origin_config(workdir, origin_port, www), origin_port, CLIENT_CPU
+    )
+    reference = nginx.Nginx(
+        workdir,
+        "proxy",
+        nginx.proxy_config(workdir, proxy_port, origin_port),
+        proxy_port,
+        PROXY_CPU,
+    )
+    return origin, reference
+
+
 def measure(target: Target, load: Load, duration: float, log: list[str]) -> Sample:
     cmd = wrk.command(
         target.url + load.path,
@@ -203,23 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="strangler-bench-") as tmp:
         workdir = Path(tmp)
         workdir.chmod(0o755)
-        www = workdir / "www"
-        write_bodies(www)
-        origin_port, proxy_port = free_port(), free_port()
-        origin = nginx.Nginx(
-            workdir,
-            "origin",
-            nginx.origin_config(workdir, origin_port, www),
-            origin_port,
-            CLIENT_CPU,
-        )
-        ngx = nginx.Nginx(
-            workdir,
-            "proxy",
-            nginx.proxy_config(workdir, proxy_port, origin_port),
-            proxy_port,
-            PROXY_CPU,
-        )
+        origin, ngx = origin_and_reference(workdir)
         stranglers = [
             Strangler(workdir, s, origin.url, free_port(), free_port(), PROXY_CPU)
             for s in scenarios
