@@ -392,6 +392,9 @@ class Limits(Model):
         default=30.0, description="between two pieces of a request body (408 past it)"
     )
     keepalive_timeout: Seconds = Field(default=75.0, description="idle keep-alive connections")
+    send_timeout: Seconds = Field(
+        default=60.0, description="a client that takes none of a response this long is cut off"
+    )
     max_connections: PositiveInt = 10000
 
 

@@ -1,7 +1,8 @@
 """The main port's HTTP/1.1 protocol: uvicorn's httptools protocol with the limits a proxy
 at the edge needs (config `limits`): request line and header size, header count, a
 deadline for a request's headers, so a slow or oversized client is cut off early instead
-of holding a connection or memory; the idle keep-alive timeout; and the number of client
+of holding a connection or memory; a deadline for a client that stops taking a response;
+the idle keep-alive timeout; and the number of client
 connections, past which a new connection's request gets 503 and the connection is closed
 (uvicorn's own `limit_concurrency` would refuse requests on every connection instead).
 It also refuses CONNECT (no tunnels) and what a backend could read otherwise than we do:
@@ -59,6 +60,7 @@ class _Guarded(HttpToolsProtocol):
         self._parsed_bytes = 0  # request target and headers parsed so far
         self._header_count = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -70,6 +72,7 @@ class _Guarded(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_send_timer()
         self.OVER.discard(self)
         super().connection_lost(exc)
 
@@ -155,6 +158,32 @@ class _Guarded(HttpToolsProtocol):
         ):
             raise _Refused(400, "An HTTP/1.1 request must carry a Host header.")  # RFC 9112 §3.2
         super().on_headers_complete()
+
+    def pause_writing(self) -> None:
+        """The client's write buffer is full: it has `send_timeout` seconds to take enough of
+        it for writing to resume. One that stops reading would otherwise hold its request,
+        its bulkhead slot and its upstream connection for ever (a slow-read attack)."""
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(
+                self.LIMITS.send_timeout, self._client_stopped_reading
+            )
+
+    def resume_writing(self) -> None:
+        self._cancel_send_timer()
+        super().resume_writing()
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _client_stopped_reading(self) -> None:
+        # Abort, not close: close would wait for the buffer the client does not read. The
+        # request sees its client gone (499) and releases what it holds.
+        self._send_timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()

@@ -16,7 +16,7 @@ from tests.e2e.harness import ProxyProcess, raw_request, wait_until
 
 LIMITS = (
     "limits: {max_request_line: 200, max_header_bytes: 4096, max_headers: 20, header_timeout: 1,"
-    " body_timeout: 1}"
+    " body_timeout: 1, send_timeout: 1}"
 )
 
 
@@ -31,6 +31,7 @@ backends:
 routes:
   - name: narrow
     match: {{prefix: /narrow}}
+    rewrite: {{strip_prefix: /narrow}}
     backend: monolith
     bulkhead: {{max_concurrent: 1, max_queue: 0}}
 """
@@ -268,3 +269,56 @@ def test_clients_slow_to_send_their_bodies_hold_no_bulkhead_slot(
     finally:
         for s in slow:
             s.close()
+
+
+def test_a_client_that_stops_reading_is_cut_off_and_gives_its_bulkhead_slot_back(
+    edge: ProxyProcess, b: Backends
+) -> None:
+    def narrow_status() -> int:
+        request = b"GET /narrow/now HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        return status_of(raw_request(edge.port, request))
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(5)
+        s.connect(("127.0.0.1", edge.port))
+        s.sendall(b"GET /narrow/big?size=100000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        t0 = time.monotonic()
+        # narrow's one slot is the download's while the client reads nothing...
+        assert wait_until(lambda: narrow_status() == 503, 5, 0.05)
+        # ...until send_timeout (1 s) of a full buffer cuts the client off
+        assert wait_until(lambda: narrow_status() == 200, 10, 0.1)
+        assert 0.9 < time.monotonic() - t0 < 8
+        entry = edge.wait_access(lambda e: e["path"] == "/narrow/big")
+        assert entry["status"] == 499 and entry["bytes"] < 100_000_000
+        received = 0
+        try:
+            while chunk := s.recv(1 << 20):
+                received += len(chunk)
+        except OSError:
+            pass  # reset: the proxy aborted the connection
+    assert received < 100_000_000  # never presented as complete
+
+
+def test_a_client_that_reads_slowly_but_steadily_gets_the_whole_response(
+    edge: ProxyProcess, b: Backends
+) -> None:
+    """6 MiB, more than the proxy's socket buffers hold, so its writes pause again and again,
+    read a piece every 20 ms: several times send_timeout (1 s) in all, never cut off."""
+    size = 6 << 20
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        s.settimeout(5)
+        s.connect(("127.0.0.1", edge.port))
+        s.sendall(
+            b"GET /narrow/big?size=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size
+        )
+        t0 = time.monotonic()
+        data = bytearray()
+        while chunk := s.recv(64 * 1024):
+            data += chunk
+            time.sleep(0.02)
+        took = time.monotonic() - t0
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    assert status_of(head) == 200 and len(body) == size
+    assert took > 2, took
