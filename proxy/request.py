@@ -137,8 +137,8 @@ class Request:
 
 class RequestBody(BodyErrorSource):
     """The client's body, read from ASGI `receive`, never more than `limit` bytes, and
-    never waiting more than `timeout` seconds for its next piece (a client that trickles a
-    body or stops sending it would otherwise hold its connection, memory and, while the body
+    never waiting more than `timeout` seconds for its next piece (a client that stops
+    sending its body would otherwise hold its connection, memory and, while the body
     streams, an upstream connection and a bulkhead slot for as long as it likes)."""
 
     __slots__ = (
