@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from tests.e2e.harness import ProxyProcess, UpstreamServer, free_port, wait_until
-from tests.e2e.upstream import Recorder, make_app
+from tests.e2e.upstream import Recorder, make_app, read_body
 
 KIB = 1024
 
@@ -71,7 +71,7 @@ class Service:
             return
         path = scope["path"]
         q = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
-        body = await _read_body(receive)
+        body = await read_body(receive)
         headers = dict((k.decode().lower(), v.decode()) for k, v in scope["headers"])
         with self.lock:
             self.hits[path] += 1
@@ -123,18 +123,6 @@ class Service:
             return True
         finally:
             gone.cancel()
-
-
-async def _read_body(receive: Any) -> bytes:
-    parts = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        parts.append(message.get("body", b""))
-        if not message.get("more_body"):
-            break
-    return b"".join(parts)
 
 
 async def _json(send: Any, status: int, data: Any) -> None:

@@ -38,7 +38,7 @@ def _query(scope: dict[str, Any]) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
 
 
-async def _read_body(receive: Any) -> bytes:
+async def read_body(receive: Any) -> bytes:
     parts = []
     while True:
         message = await receive()
@@ -81,7 +81,7 @@ def make_app(rec: Recorder) -> Any:
         q = _query(scope)
         head = path.split("/")[1] if path.count("/") >= 1 else ""
         if rec.fail_status is not None and not path.startswith("/control"):
-            await _read_body(receive)
+            await read_body(receive)
             await _json(send, rec.fail_status, {"served_by": rec.name, "failing": True})
             return
         handler = HANDLERS.get(head, _echo)
@@ -93,7 +93,7 @@ def make_app(rec: Recorder) -> Any:
 async def _echo(
     rec: Recorder, scope: Any, receive: Any, send: Any, q: dict[str, str], raw: str
 ) -> None:
-    body = await _read_body(receive)
+    body = await read_body(receive)
     info = {
         "served_by": rec.name,
         "method": scope["method"],
@@ -113,7 +113,7 @@ async def _status(
     rec: Recorder, scope: Any, receive: Any, send: Any, q: dict[str, str], raw: str
 ) -> None:
     code = int(scope["path"].split("/")[2])
-    await _read_body(receive)
+    await read_body(receive)
     rec.requests.append({"method": scope["method"], "path": scope["path"]})
     headers = [(b"x-served-by", rec.name.encode())]
     if code in (204, 304):
@@ -188,7 +188,7 @@ async def _slow(
     rec: Recorder, scope: Any, receive: Any, send: Any, q: dict[str, str], raw: str
 ) -> None:
     """Answers after `delay` seconds, unless the client goes away first (then it notes it)."""
-    await _read_body(receive)
+    await read_body(receive)
     delay = float(q.get("delay", 1))
     rec.event("slow-started").set()
     waiter = asyncio.ensure_future(receive())
@@ -205,7 +205,7 @@ async def _die(
 ) -> None:
     """Promises `length` bytes (small: 1000, big: 10**6, none: chunked), sends 100 and breaks
     the connection."""
-    await _read_body(receive)
+    await read_body(receive)
     headers = [(b"content-type", b"text/plain")]
     promised = {"small": b"1000", "big": b"1000000"}.get(q.get("length", "small"))
     if promised:
@@ -219,7 +219,7 @@ async def _die(
 async def _cookies(
     rec: Recorder, scope: Any, receive: Any, send: Any, q: dict[str, str], raw: str
 ) -> None:
-    await _read_body(receive)
+    await read_body(receive)
     headers = [
         (b"set-cookie", b"a=1; Path=/"),
         (b"x-order", b"first"),
@@ -238,7 +238,7 @@ async def _cookies(
 async def _count(
     rec: Recorder, scope: Any, receive: Any, send: Any, q: dict[str, str], raw: str
 ) -> None:
-    body = await _read_body(receive)
+    body = await read_body(receive)
     rec.requests.append({"method": scope["method"], "path": scope["path"], "body": body.decode()})
     status = int(q.get("status", 200))
     await _json(send, status, {"served_by": rec.name, "hits": rec.hits[scope["path"]]})
