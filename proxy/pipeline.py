@@ -41,9 +41,6 @@ from proxy.split import Choice
 
 REPLAY_LIMIT = 64 * 1024  # bodies up to this size are held for retries and fallback
 SMALL_RESPONSE = 64 * 1024  # answers with a Content-Length up to this go out in one write
-# Our server can only frame an unknown-length body as chunked, which HTTP/1.0 clients do not
-# read: for them such a body is held (up to this size) and sent with a Content-Length.
-HTTP10_BUFFER = 16 * 1024 * 1024
 # No retry or fallback starts with less of the total timeout left than this: it could not
 # answer, and the loop's coarse timer clock can fire the total timeout a little early.
 MIN_ATTEMPT = 0.05
@@ -356,11 +353,8 @@ async def _relay(ex: _Exchange, resp: UpstreamResponse, backend: str, choice: Ch
     try:
         bodyless = ex.req.method == "HEAD" or resp.status in (204, 304) or resp.status < 200
         length = _content_length(headers)
-        held = ex.req.http_version == "1.0" and length is None
-        if bodyless or held or (length is not None and length <= SMALL_RESPONSE):
-            body = b"" if bodyless else await resp.read(HTTP10_BUFFER if held else SMALL_RESPONSE)
-            if held and not bodyless:
-                headers.append((b"content-length", str(len(body)).encode()))
+        if bodyless or (length is not None and length <= SMALL_RESPONSE):
+            body = b"" if bodyless else await resp.read(SMALL_RESPONSE)
             ex.watch.stop()
             await _start(ex, resp.status, headers)
             await send({"type": "http.response.body", "body": body, "more_body": False})

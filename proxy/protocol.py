@@ -7,16 +7,23 @@ connections, past which a new connection's request gets 503 and the connection i
 (uvicorn's own `limit_concurrency` would refuse requests on every connection instead).
 It also refuses CONNECT (no tunnels) and what a backend could read otherwise than we do:
 framing other than plain chunked, two Host headers; and it never merges a chunked body's
-trailer into the headers."""
+trailer into the headers. For HTTP/1.0 clients it frames a response of unknown length by
+closing the connection (uvicorn would send them chunked, which they cannot read)."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from proxy.config import Limits
 
@@ -159,6 +166,13 @@ class _Guarded(HttpToolsProtocol):
             raise _Refused(400, "An HTTP/1.1 request must carry a Host header.")  # RFC 9112 §3.2
         super().on_headers_complete()
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # Every request's task starts here (a pipelined one later than its head): the cycle
+        # is still uvicorn's own and nothing of it has run.
+        if cycle.scope["http_version"] == "1.0":
+            cycle.__class__ = _Http10Cycle
+        super()._start_asgi_task(cycle, app)
+
     def pause_writing(self) -> None:
         """The client's write buffer is full: it has `send_timeout` seconds to take enough of
         it for writing to resume. One that stops reading would otherwise hold its request,
@@ -230,3 +244,55 @@ class _Guarded(HttpToolsProtocol):
             )
         )
         self.transport.close()
+
+
+# Larger than any body: the count a close-delimited response is let run against.
+_OPEN_ENDED = 1 << 62
+
+
+class _Http10Cycle(RequestResponseCycle):
+    """A request/response cycle for an HTTP/1.0 client, which cannot read chunked: a response
+    of unknown length goes out as it comes and ends when the connection closes (RFC 9112
+    §6.3, as NGINX does), where uvicorn would frame it chunked. It streams like any other,
+    with flat memory. Ended by an error, the connection is reset rather than closed, so the
+    client cannot take a cut body for the whole of it (a close would look like the end)."""
+
+    _open_ended = False
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            if (
+                not self.response_started
+                and self.scope["method"] != "HEAD"
+                and message["status"] not in (204, 304)
+                and not any(
+                    name.lower() in (b"content-length", b"transfer-encoding")
+                    for name, _ in message.get("headers", ())
+                )
+            ):
+                self._open_ended = True
+                self.chunked_encoding = False  # nothing framed: no length, no chunks
+                self.expected_content_length = _OPEN_ENDED
+        elif self._open_ended and not message.get("more_body", False):
+            self.expected_content_length = len(message.get("body", b""))  # promised nothing
+        await super().send(message)
+
+    async def run_asgi(self, app: Any) -> None:
+        async def app_or_reset(scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await app(scope, receive, send)
+            except BaseException:
+                if self._open_ended and not self.response_complete:
+                    self._reset()
+                raise
+
+        await super().run_asgi(app_or_reset)
+
+    def _reset(self) -> None:
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self.transport.abort()

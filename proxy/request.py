@@ -25,7 +25,6 @@ class Request:
         "headers",
         "peer",
         "scheme",
-        "http_version",
         "request_id",
         "started",
         "receive",
@@ -44,7 +43,6 @@ class Request:
         client = scope.get("client")
         self.peer: str = client[0] if client else "0.0.0.0"
         self.scheme: str = scope.get("scheme", "http")
-        self.http_version: str = scope.get("http_version", "1.1")
         self.receive = receive
         self.started = time.monotonic()
         self._trusted = trusted

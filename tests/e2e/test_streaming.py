@@ -93,3 +93,57 @@ def test_client_going_away_releases_the_backend_at_once(proxy: ProxyProcess, b: 
     assert time.monotonic() - t0 < 2
     entry = proxy.wait_access(lambda e: e["path"] == "/slow/patient")
     assert entry["status"] == 499
+
+
+def _http10(proxy: ProxyProcess, target: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    s.sendall(b"GET " + target + b" HTTP/1.0\r\nHost: x\r\n\r\n")
+    return s
+
+
+def test_http10_client_gets_an_unknown_length_body_of_any_size_close_delimited(
+    proxy: ProxyProcess, b: Backends
+) -> None:
+    """HTTP/1.0 has no chunked framing: the body goes out as it comes and ends with the
+    connection, streamed (20 MiB, more than anything the proxy would hold)."""
+    size = 20 << 20
+    baseline = proxy.rss_kib()
+    proxy.reset_peak_rss()
+    with _http10(proxy, b"/big?size=%d&length=0" % size) as s:
+        data = bytearray()
+        while chunk := s.recv(1 << 20):
+            data += chunk
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    lowered = head.lower()
+    assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in lowered
+    assert b"content-length" not in lowered and b"transfer-encoding" not in lowered
+    assert len(body) == size and body == b"x" * size
+    assert proxy.peak_rss_kib() - baseline < RSS_BUDGET_KIB
+
+
+def test_http10_client_gets_a_dripping_body_as_it_drips(proxy: ProxyProcess, b: Backends) -> None:
+    gate = b.orders.event("drip-gate-10")
+    with _http10(proxy, b"/drip?n=2&interval=0&gate=drip-gate-10") as s:
+        seen = b""
+        while b"chunk 0\n" not in seen:  # bounded by the socket's 10 s timeout
+            chunk = s.recv(65536)
+            assert chunk, seen
+            seen += chunk
+        assert not gate.is_set()  # the backend holds chunk 1 until chunk 0 was seen here
+        gate.set()
+        while chunk := s.recv(65536):
+            seen += chunk
+    assert seen.endswith(b"\r\n\r\nchunk 0\nchunk 1\n")
+
+
+def test_http10_client_sees_a_reset_when_the_backend_dies_mid_body(
+    proxy: ProxyProcess, b: Backends
+) -> None:
+    """A close-delimited body ends with the connection: an orderly close would present the
+    cut body as complete, so the proxy resets the connection instead."""
+    with _http10(proxy, b"/die?length=none") as s:
+        received = b""
+        with pytest.raises(ConnectionResetError):
+            while chunk := s.recv(65536):
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 200")
