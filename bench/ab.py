@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import nginx, procstat, wrk  # noqa: E402
-from bench.main import HEADERS, free_port, origin_and_reference  # noqa: E402
-from bench.model import CLIENT_CPU, PROXY_CPU  # noqa: E402
+from bench import nginx  # noqa: E402
+from bench.main import cpu_per_request, free_port, origin_and_reference  # noqa: E402
+from bench.model import PROXY_CPU  # noqa: E402
 from bench.strangler import ROOT, Strangler  # noqa: E402
 
 
@@ -125,11 +125,8 @@ def _compare(workdir: Path, base: Path, args: argparse.Namespace) -> int:
 def _measure(
     url: str, pids: Callable[[], list[int]], conns: int, duration: float
 ) -> tuple[float, float, float]:
-    before = procstat.cpu_seconds(pids())
-    cmd = wrk.command(url, connections=conns, duration=duration, cpu=CLIENT_CPU, headers=HEADERS)
-    result, _ = wrk.run(cmd)
-    cpu = procstat.cpu_seconds(pids()) - before
-    return result.rps, cpu / max(1, result.requests) * 1e6, result.p50_ms
+    result, cpu = cpu_per_request(url, pids, conns, duration)
+    return result.rps, cpu, result.p50_ms
 
 
 if __name__ == "__main__":

@@ -21,14 +21,14 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import nginx, procstat, wrk  # noqa: E402
-from bench.main import HEADERS, free_port, origin_and_reference  # noqa: E402
-from bench.model import CLIENT_CPU, PROXY_CPU  # noqa: E402
+from bench import nginx, procstat  # noqa: E402
+from bench.main import cpu_per_request, free_port, origin_and_reference  # noqa: E402
+from bench.model import PROXY_CPU  # noqa: E402
 from bench.strangler import ROOT, Strangler, python  # noqa: E402
 
 
@@ -130,13 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _measure(url: str, pids: object, conns: int, duration: float) -> tuple[float, float]:
-    assert callable(pids)
-    before = procstat.cpu_seconds(pids())
-    cmd = wrk.command(url, connections=conns, duration=duration, cpu=CLIENT_CPU, headers=HEADERS)
-    result, _ = wrk.run(cmd)
-    cpu = procstat.cpu_seconds(pids()) - before
-    return result.rps, cpu / max(1, result.requests) * 1e6
+def _measure(
+    url: str, pids: Callable[[], list[int]], conns: int, duration: float
+) -> tuple[float, float]:
+    result, cpu = cpu_per_request(url, pids, conns, duration)
+    return result.rps, cpu
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -118,6 +118,20 @@ def measure(target: Target, load: Load, duration: float, log: list[str]) -> Samp
     busy = procstat.CpuTimes.now().busy_since(times0)
     cpu = procstat.cpu_seconds(pids) - cpu0 if pids and cpu0 is not None else None
     return Sample(result, cpu, wall, busy)
+
+
+def cpu_per_request(
+    url: str, pids: Callable[[], list[int]], connections: int, duration: float
+) -> tuple[wrk.WrkResult, float]:
+    """One pinned wrk run against `url`; its result and the CPU µs per request that the
+    processes `pids()` spent on it."""
+    before = procstat.cpu_seconds(pids())
+    cmd = wrk.command(
+        url, connections=connections, duration=duration, cpu=CLIENT_CPU, headers=HEADERS
+    )
+    result, _ = wrk.run(cmd)
+    cpu = procstat.cpu_seconds(pids()) - before
+    return result, cpu / max(1, result.requests) * 1e6
 
 
 def warm_up(target: Target, duration: float) -> None:
