@@ -1,4 +1,5 @@
-"""Bare ASGI apps for bench/floors.py: what uvicorn alone and uvicorn + aiohttp alone cost.
+"""Bare ASGI apps for bench/floors.py: what a server alone, and a server with a client, cost
+(on uvicorn, or on strangler's own server through bench/floor_server.py).
 
 uvicorn bench.floor_apps:local     answers 1 KiB itself (the server's floor)
 uvicorn bench.floor_apps:forward   relays GETs to $FLOOR_ORIGIN with one aiohttp session

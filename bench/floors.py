@@ -4,9 +4,8 @@
 
 NGINX as a proxy; uvicorn (httptools, uvloop) answering 1 KiB itself; the same bare app
 relaying to the origin with one aiohttp session, and with strangler's own client
-(proxy.pool); strangler with the demo policies; and, to see what uvicorn costs, the same
-strangler with its main port on bench/lean_server.py (a measurement prototype without the
-hardening: a bound, not a replacement), with and without the pipeline.
+(proxy.pool); strangler's own main-port server (proxy.http1) answering itself and relaying
+through proxy.pool (bench/floor_server.py); strangler with the demo policies.
 The differences split strangler's CPU time per request into the server's share, the
 client's and the rest (pipeline, policies, log, metrics).
 """
@@ -33,14 +32,18 @@ from bench.strangler import ROOT, Strangler, python  # noqa: E402
 
 
 class Bare:
-    """`uvicorn bench.floor_apps:APP` on CPU 0, one process."""
+    """`uvicorn bench.floor_apps:APP` (or, with `own`, bench/floor_server.py) on CPU 0, one
+    process."""
 
-    def __init__(self, app: str, origin: str) -> None:
+    def __init__(self, app: str, origin: str, own: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [python(), "-m", "uvicorn", f"bench.floor_apps:{app}", "--port", str(self.port)]
-        cmd += ["--loop", "uvloop", "--http", "httptools", "--lifespan", "off"]
-        cmd += ["--no-access-log", "--log-level", "warning"]
+        if own:
+            cmd = [python(), str(ROOT / "bench" / "floor_server.py"), app, str(self.port)]
+        else:
+            cmd = [python(), "-m", "uvicorn", f"bench.floor_apps:{app}", "--port", str(self.port)]
+            cmd += ["--loop", "uvloop", "--http", "httptools", "--lifespan", "off"]
+            cmd += ["--no-access-log", "--log-level", "warning"]
         env = {**os.environ, "FLOOR_ORIGIN": origin, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(["taskset", "-c", str(PROXY_CPU), *cmd], env=env, cwd=ROOT)
         deadline = time.monotonic() + 20
@@ -58,23 +61,6 @@ class Bare:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
-
-
-def lean(workdir: Path, origin: str, *, bare: bool) -> Strangler:
-    """strangler (demo policies) with its main port on bench/lean_server.py."""
-    name = "lean-bare" if bare else "lean"
-    target = Strangler(workdir, "demo", origin, free_port(), free_port(), PROXY_CPU)
-    at = target.command.index("-m")
-    target.command[at : at + 2] = [str(ROOT / "bench" / "lean_server.py")]
-    target.log_path = workdir / f"{name}.log"
-    saved = os.environ.get("LEAN_BARE")
-    os.environ["LEAN_BARE"] = "1" if bare else ""
-    try:
-        return target.start()
-    finally:
-        os.environ.pop("LEAN_BARE")
-        if saved is not None:
-            os.environ["LEAN_BARE"] = saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,18 +81,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             local, forward = Bare("local", origin.url), Bare("forward", origin.url)
             pooled = Bare("pooled", origin.url)
             running += [local, forward, pooled]
-            lean_demo = lean(workdir, origin.url, bare=False)
-            running.append(lean_demo)
-            lean_bare = lean(workdir, origin.url, bare=True)
-            running.append(lean_bare)
+            own_local = Bare("local", origin.url, own=True)
+            own_pooled = Bare("pooled", origin.url, own=True)
+            running += [own_local, own_pooled]
             targets = {
                 "NGINX proxy": (ngx.url, ngx.pids),
                 "uvicorn alone (answers itself)": (local.url, local.pids),
                 "uvicorn + aiohttp relay": (forward.url, forward.pids),
                 "uvicorn + own client relay": (pooled.url, pooled.pids),
+                "own server alone (answers itself)": (own_local.url, own_local.pids),
+                "own server + own client relay": (own_pooled.url, own_pooled.pids),
                 "strangler, demo policies": (demo.url, demo.pids),
-                "strangler on a lean server": (lean_demo.url, lean_demo.pids),
-                "lean server + own client relay": (lean_bare.url, lean_bare.pids),
             }
             found: dict[tuple[str, int], list[tuple[float, float]]] = {}
             for _ in range(args.runs):

@@ -59,8 +59,8 @@ def stage(file: str) -> str | None:
     top = file.split("/", 1)[0]
     if top in _CLIENT or file in ("proxy/forward.py", "proxy/pool.py"):
         return "upstream client (pool.py, forward.py)"
-    if top in ("uvicorn", "httptools") or file == "proxy/protocol.py":
-        return "server (uvicorn, protocol.py)"
+    if top in ("uvicorn", "httptools") or file == "proxy/http1.py":
+        return "server (http1.py)"
     if file == "proxy/logs.py":
         return "access log (logs.py, json)"
     if top == "prometheus_client" or file in ("proxy/metrics.py", "proxy/stats.py"):
@@ -74,7 +74,7 @@ def stage(file: str) -> str | None:
 
 def stage_of(frames: list[tuple[str, str]]) -> str:
     """A sample's stage: that of its frame nearest the leaf that is not the standard
-    library (json under logs.py is the access log's, a socket write under uvicorn's send
+    library (json under logs.py is the access log's, a socket write under the server's send
     is the server's)."""
     for file, _ in reversed(frames):
         found = stage(file)

@@ -30,10 +30,10 @@ from proxy.control import AdminControl
 from proxy.forward import close_all
 from proxy.headers import new_request_id
 from proxy.health import HealthChecks
+from proxy.http1 import MainServer
 from proxy.logs import AccessLog, event
 from proxy.metrics import Metrics
 from proxy.outcome import Outcome
-from proxy.protocol import Refusal, guarded_protocol
 from proxy.reload import FileWatch, Reloader
 from proxy.runtime import build
 from proxy.status import snapshot
@@ -73,26 +73,6 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def main_server_config(
-    app: Any, config: Config, on_refusal: Refusal | None = None
-) -> uvicorn.Config:
-    """Keep-alive and connection limits are the protocol's (`limits`), not uvicorn's."""
-    return uvicorn.Config(
-        app,
-        http=guarded_protocol(config.limits, on_refusal),
-        ws="websockets-sansio",
-        lifespan="off",
-        loop="none",
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        date_header=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=config.shutdown_grace,  # type: ignore[arg-type]
-        ws_max_size=16 * 1024 * 1024,
-    )
-
-
 def admin_server_config(app: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -120,7 +100,7 @@ class DataPlane:
         self.reloader.on_config.append(lambda cfg, rt: self.health.update(cfg, rt.upstreams))
         self.access_log = access_log
         app = ProxyApp(self.holder, access_log)
-        self.main = _Server(main_server_config(app, config, self.refused))
+        self.main = MainServer(app, config.limits, config.shutdown_grace, self.refused)
         self.stopping = asyncio.Event()
 
     def refused(self, status: int, reason: str, client: str) -> None:
