@@ -22,7 +22,7 @@ def snapshot(rt: Runtime, ready: bool, health: Mapping[str, bool]) -> dict[str, 
     routes: dict[str, Any] = {}
     for state in rt.routes.values():
         routes[state.name] = {
-            "breakers": {b: state.breaker(b).state for b in _backends_of(state)},
+            "breakers": {b: state.breaker_state(b) for b in _backends_of(state)},
             "bulkhead": {
                 "in_flight": state.bulkhead.in_flight,
                 "queued": state.bulkhead.queued,
