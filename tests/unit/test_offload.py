@@ -77,6 +77,16 @@ def test_a_missing_file_reads_as_in_process(tmp_path: Path) -> None:
     assert there.value.issues == here.value.issues
 
 
+def test_the_child_imports_this_proxy_whatever_the_working_directory_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "proxy").mkdir()
+    (tmp_path / "proxy" / "__init__.py").write_text("raise ImportError('a decoy')\n")
+    (tmp_path / "good.yaml").write_text(GOOD)
+    monkeypatch.chdir(tmp_path)
+    assert offload.load("good.yaml") == load(tmp_path / "good.yaml")
+
+
 def test_a_child_that_fails_is_one_issue_of_the_file(tmp_path: Path) -> None:
     path = tmp_path / "good.yaml"
     path.write_text(GOOD)
