@@ -91,11 +91,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return handler(args)
 
 
-def _load_or_report(path: Path) -> object:
-    from proxy.loader import ConfigError, load
+def _load_or_report(path: Path, *, offloaded: bool = False) -> object:
+    """The file's `Config`, or None once every issue is on stderr. `offloaded`: validated
+    in a child process, so that this one (it will serve) never builds the validators."""
+    from proxy.config import ConfigError
 
     try:
-        return load(path)
+        if offloaded:
+            from proxy import offload
+
+            return offload.load(path)
+        from proxy import loader
+
+        return loader.load(path)
     except ConfigError as err:
         for issue in err.issues:
             print(issue, file=sys.stderr)
@@ -112,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
     from proxy.server import Options, run
 
     path = config_path(args.config)
-    config = _load_or_report(path)
+    config = _load_or_report(path, offloaded=True)
     if not isinstance(config, Config):
         return EXIT_INVALID
     opts = Options(

@@ -3,13 +3,21 @@
 This module knows nothing else of ours. It checks what one value can tell on its own
 (types, ranges, one-of rules); rules that span the file (backends named in a split are
 declared, route names are unique, ...) live in `loader`, which reports every error of a
-file in one run with its line.
+file in one run with its line. `ConfigIssue` and `ConfigError`, what an invalid file
+reports, live here too: a serving process gets them from a child that validated the file
+(`offload`) without importing `loader`.
+
+Models defer building their validators (`defer_build`): a serving process receives an
+already validated `Config` and never builds them; `loader` builds them on first use.
+Class-level defaults are therefore made with `model_construct`, which does not validate.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
@@ -94,8 +102,29 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Percent = Annotated[int, Field(ge=0, le=100, strict=True)]
 
 
+@dataclass(frozen=True)
+class ConfigIssue:
+    file: str
+    line: int
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}: "
+        return where + (f"{self.key}: {self.message}" if self.key else self.message)
+
+
+class ConfigError(Exception):
+    """An invalid config file; `issues` holds every problem found, sorted by line."""
+
+    def __init__(self, issues: Iterable[ConfigIssue]) -> None:
+        unique = dict.fromkeys(issues)
+        self.issues: tuple[ConfigIssue, ...] = tuple(sorted(unique, key=lambda i: i.line))
+        super().__init__("\n".join(str(issue) for issue in self.issues))
+
+
 class Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     def merged_over(self, base: Self) -> Self:
         """`base` with the fields this object sets explicitly laid over it."""
@@ -365,10 +394,10 @@ class Route(Model):
 
 
 class Defaults(Model):
-    timeout: Timeout = Timeout()
-    retry: Retry = Retry()
-    breaker: Breaker = Breaker()
-    bulkhead: Bulkhead = Bulkhead()
+    timeout: Timeout = Timeout.model_construct()
+    retry: Retry = Retry.model_construct()
+    breaker: Breaker = Breaker.model_construct()
+    bulkhead: Bulkhead = Bulkhead.model_construct()
     max_body: ByteSize | None = Field(default=None, description="no limit when left out")
 
 
@@ -400,14 +429,14 @@ class Limits(Model):
 
 class Config(Model):
     version: Literal[1]
-    listen: Listen = Listen()
-    admin: Admin = Admin()
+    listen: Listen = Listen.model_construct()
+    admin: Admin = Admin.model_construct()
     shutdown_grace: Seconds = 30.0
     trusted_proxies: tuple[Annotated[str, BeforeValidator(_network)], ...] = ()
     legacy: str
     backends: dict[Name, Backend] = Field(min_length=1)
-    defaults: Defaults = Defaults()
-    limits: Limits = Limits()
+    defaults: Defaults = Defaults.model_construct()
+    limits: Limits = Limits.model_construct()
     routes: tuple[Route, ...] = ()
 
     @field_validator("backends")

@@ -21,8 +21,7 @@ import json
 import os
 import sys
 import types
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, Union, cast, get_args, get_origin
 
@@ -31,6 +30,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from proxy.config import NAME_PATTERN, Config, Model, Route, Sticky
+from proxy.config import ConfigError as ConfigError
+from proxy.config import ConfigIssue as ConfigIssue
 from proxy.errors import BadRequest
 from proxy.routing import normalize_prefix
 
@@ -56,27 +57,6 @@ def _loader_for(text: str) -> Any:
 
 KeyPath = tuple[str | int, ...]
 M = TypeVar("M", bound=Model)
-
-
-@dataclass(frozen=True)
-class ConfigIssue:
-    file: str
-    line: int
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}: "
-        return where + (f"{self.key}: {self.message}" if self.key else self.message)
-
-
-class ConfigError(Exception):
-    """An invalid config file; `issues` holds every problem found, sorted by line."""
-
-    def __init__(self, issues: Iterable[ConfigIssue]) -> None:
-        unique = dict.fromkeys(issues)
-        self.issues: tuple[ConfigIssue, ...] = tuple(sorted(unique, key=lambda i: i.line))
-        super().__init__("\n".join(str(issue) for issue in self.issues))
 
 
 def load(path: str | os.PathLike[str]) -> Config:

@@ -13,9 +13,9 @@ import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
-from proxy.breaker import Breaker
+from proxy.breaker import CLOSED, Breaker
 from proxy.breaker_store import BreakerStores, SharedBreakerStore
 from proxy.bulkhead import Bulkhead
 from proxy.config import Config, Route
@@ -32,6 +32,7 @@ from proxy.split import Chooser, Split, Sticky
 log = logging.getLogger("strangler.runtime")
 
 DEFAULT_ROUTE = "default"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,15 @@ class RouteState:
     def override(self) -> Mapping[str, int] | None:
         return None if self.split is self.base_split else self.split.weights
 
+    def breaker_state(self, backend: str) -> str:
+        """The (route, backend) breaker's state, without making the breaker: one not made
+        yet is closed (with a shared storage they are made up front, by `build`)."""
+        found = self.breakers.get(backend)
+        return CLOSED if found is None else found.state
+
     def breaker(self, backend: str) -> Breaker:
+        """The (route, backend) breaker, made on first use: most of a large config's routes
+        may never see a request, and a breaker with its pybreaker costs ~0.7 KiB."""
         found = self.breakers.get(backend)
         if found is None:
             threshold, reset, success = self.breaker_settings
@@ -129,11 +138,12 @@ def build(
     old_routes = previous.routes if previous else {}
     workers = previous.workers if previous else workers
     stores = previous.breaker_stores if previous else BreakerStores(on_up=metrics.set_storage_up)
+    shared: dict[tuple[Any, ...], Any] = {}
     for route in config.routes:
         old = old_routes.get(route.name)
-        routes[route.name] = _route_state(config, route, old, metrics, workers, stores)
+        routes[route.name] = _route_state(config, route, old, metrics, workers, stores, shared)
     old = old_routes.get(DEFAULT_ROUTE)
-    routes[DEFAULT_ROUTE] = _route_state(config, None, old, metrics, workers, stores)
+    routes[DEFAULT_ROUTE] = _route_state(config, None, old, metrics, workers, stores, shared)
     router = Router.build(_rules(config, routes), routes[DEFAULT_ROUTE])
     _publish(config, routes, metrics)
     return Runtime(
@@ -195,7 +205,10 @@ def _route_state(
     metrics: Metrics,
     workers: int,
     stores: BreakerStores,
+    shared: dict[tuple[Any, ...], Any],
 ) -> RouteState:
+    """`shared`: the immutable parts (split, timeouts, retry policy, sticky) that routes with
+    the same settings share within one snapshot; with 1,000 routes most are alike."""
     d = config.defaults
     name = route.name if route else DEFAULT_ROUTE
     timeout = route.timeout.merged_over(d.timeout) if route and route.timeout else d.timeout
@@ -203,7 +216,7 @@ def _route_state(
     breaker = route.breaker.merged_over(d.breaker) if route and route.breaker else d.breaker
     bulkhead = route.bulkhead.merged_over(d.bulkhead) if route and route.bulkhead else d.bulkhead
     weights = route.weights if route else {config.legacy: 100}
-    split = Split.of(weights, config.legacy)
+    split = _once(shared, ("split", *weights.items()), lambda: Split.of(weights, config.legacy))
     sticky = route.sticky if route else None
 
     bulk = Bulkhead(
@@ -221,7 +234,8 @@ def _route_state(
     store = stores.get(breaker.storage) if breaker.storage else None
     breakers: dict[str, Breaker] = {}
     if old is not None and (old.breaker_settings, old.breaker_store) == (breaker_settings, store):
-        breakers = dict(old.breakers)
+        # Shared, not copied: a breaker a request on the old snapshot makes is this one's too.
+        breakers = old.breakers
 
     def on_breaker_change(breaker_name: str, before: str, after: str) -> None:
         backend = breaker_name.rpartition("/")[2]
@@ -237,12 +251,22 @@ def _route_state(
         split=split,
         chooser=Chooser(
             name,
-            Sticky(sticky.cookie, sticky.header, bool(sticky.client_ip)) if sticky else None,
+            _once(
+                shared,
+                ("sticky", sticky.cookie, sticky.header, bool(sticky.client_ip)),
+                lambda: Sticky(sticky.cookie, sticky.header, bool(sticky.client_ip)),
+            )
+            if sticky
+            else None,
         ),
         strip_prefix=route.rewrite.strip_prefix if route and route.rewrite else None,
         fallback=route.fallback if route else None,
-        timeouts=Timeouts(timeout.connect, timeout.read, timeout.total),
-        retry=RetryPolicy.of(retry),
+        timeouts=_once(
+            shared,
+            ("timeouts", timeout.connect, timeout.read, timeout.total),
+            lambda: Timeouts(timeout.connect, timeout.read, timeout.total),
+        ),
+        retry=_once(shared, ("retry", retry), lambda: RetryPolicy.of(retry)),
         budget=budget,
         bulkhead=bulk,
         max_body=route.max_body if route and route.max_body is not None else d.max_body,
@@ -253,8 +277,17 @@ def _route_state(
         breaker_store=store,
     )
     for backend in (*split.order, *([state.fallback] if state.fallback else [])):
-        metrics.set_breaker_state(name, backend, state.breaker(backend).state)
+        if store is not None:
+            state.breaker(backend)  # attached to the storage now, to take its state
+        metrics.set_breaker_state(name, backend, state.breaker_state(backend))
     return state
+
+
+def _once(shared: dict[tuple[Any, ...], Any], key: tuple[Any, ...], make: Callable[[], T]) -> T:
+    found: T | None = shared.get(key)
+    if found is None:
+        found = shared[key] = make()
+    return found
 
 
 SHADOW_PENDING = 50  # copies in flight per route, at most
@@ -298,4 +331,8 @@ def describe(state: RouteState) -> dict[str, Any]:
     """A route's match as plain data (admin API, explain)."""
     if state.config is None:
         return {"prefix": "/"}
-    return state.config.match.model_dump(exclude_none=True)
+    match = state.config.match
+    # `match.model_dump(exclude_none=True)`, without building the model's serializer.
+    fields: dict[str, Any] = {"prefix": match.prefix, "methods": match.methods}
+    fields.update(headers=match.headers, host=match.host)
+    return {key: value for key, value in fields.items() if value is not None}

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.runtime import RouteState, Runtime
+from proxy.runtime import RouteState, Runtime, describe
 from proxy.stats import summarize
 
 SEVERITY = {"closed": 0, "half-open": 1, "open": 2}
@@ -22,7 +22,7 @@ def snapshot(rt: Runtime, ready: bool, health: Mapping[str, bool]) -> dict[str, 
     routes: dict[str, Any] = {}
     for state in rt.routes.values():
         routes[state.name] = {
-            "breakers": {b: state.breaker(b).state for b in _backends_of(state)},
+            "breakers": {b: state.breaker_state(b) for b in _backends_of(state)},
             "bulkhead": {
                 "in_flight": state.bulkhead.in_flight,
                 "queued": state.bulkhead.queued,
@@ -147,9 +147,7 @@ def _route_view(state: RouteState, merged: dict[str, Any]) -> dict[str, Any]:
         }
     view: dict[str, Any] = {
         "name": state.name,
-        "match": state.config.match.model_dump(exclude_none=True)
-        if state.config
-        else {"prefix": "/"},
+        "match": describe(state),
         "split": dict(state.split.weights),
         "configured_split": dict(state.base_split.weights),
         "override": dict(state.override) if state.override is not None else None,
