@@ -41,6 +41,7 @@ import uvicorn
 from uvicorn.server import ServerState
 
 from proxy.config import Limits
+from proxy.outbox import Outbox, outbox
 
 log = logging.getLogger("strangler.server")
 
@@ -60,6 +61,7 @@ HIGH_WATER = 65536  # request body bytes held for the app before reading pauses
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 _DISCONNECT = {"type": "http.disconnect"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_HELD_WRITE = 16384  # a whole answer with a body up to this goes out through the outbox
 _OPEN_ENDED = -1  # `remaining` of a close-delimited response: no count kept
 # A response head may hold no control characters but the CRLFs that end its lines, and
 # tabs (RFC 9110 §5.5); anything else could split the response or be read differently.
@@ -183,6 +185,7 @@ class Http1(asyncio.Protocol):
         "server",
         "limits",
         "loop",
+        "outbox",
         "parser",
         "transport",
         "client",
@@ -213,6 +216,7 @@ class Http1(asyncio.Protocol):
         self.server = server
         self.limits = server.limits
         self.loop = asyncio.get_running_loop()
+        self.outbox: Outbox = outbox(self.loop)
         self.parser = httptools.HttpRequestParser(self)
         # Answer the first of pipelined requests even when the client closes after them.
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
@@ -305,7 +309,7 @@ class Http1(asyncio.Protocol):
         running = self.running
         if running is None:
             if not self.transport.is_closing():
-                self.transport.close()
+                self.close()
         else:
             running.keep_alive = False
             self.queue.clear()
@@ -313,6 +317,15 @@ class Http1(asyncio.Protocol):
     def abort(self) -> None:
         if not self.transport.is_closing():
             self.transport.abort()
+
+    def write(self, data: bytes) -> None:
+        """Write now, after whatever the outbox holds (it may hold this connection's)."""
+        self.outbox.settle()
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self.outbox.settle()
+        self.transport.close()
 
     # --- flow control -----------------------------------------------------------------
 
@@ -501,6 +514,7 @@ class Http1(asyncio.Protocol):
         server = self.server
         server.connections.discard(self)
         self._stop_deadlines()
+        self.outbox.settle()
         method = self.parser.get_method()
         output = [method, b" ", self.url, b" HTTP/1.1\r\n"]
         for name, value in self.headers:
@@ -523,7 +537,7 @@ class Http1(asyncio.Protocol):
         elif self.idle_since and now - self.idle_since >= self.limits.keepalive_timeout:
             self.idle_since = 0.0
             if not self.transport.is_closing():
-                self.transport.close()
+                self.close()
 
     def _stop_deadlines(self) -> None:
         self.head_since = self.idle_since = 0.0
@@ -536,7 +550,7 @@ class Http1(asyncio.Protocol):
             if self.head_bytes:
                 self._refuse(408, "Request headers not received in time.")
             else:
-                self.transport.close()
+                self.close()
 
     def _refuse(self, status: int, reason: str) -> None:
         """Answer the client with `status` and close: nothing of the request is forwarded."""
@@ -547,13 +561,13 @@ class Http1(asyncio.Protocol):
         if exchange is not None:
             if exchange.response_started:
                 # Too late for an answer of ours (a trailer over the limit, say).
-                self.transport.close()
+                self.close()
                 return
             exchange.lost()  # the app's request is over: its answer would go nowhere
         if self.server.on_refusal is not None:
             self.server.on_refusal(status, reason, self.client[0] if self.client else "")
         body = reason.encode()
-        self.transport.write(
+        self.write(
             b"".join(
                 [
                     STATUS_LINE[status],
@@ -564,7 +578,7 @@ class Http1(asyncio.Protocol):
                 ]
             )
         )
-        self.transport.close()
+        self.close()
 
 
 def _upgrade(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -652,11 +666,11 @@ class Exchange:
             elif not self.response_started and not self.disconnected:
                 self._answer_500()
             elif not self.response_complete:
-                self.transport.close()
+                self.conn.close()
         else:
             if not self.response_complete and not self.disconnected:
                 if self.response_started:
-                    self.transport.close()
+                    self.conn.close()
                 else:
                     self._answer_500()
         finally:
@@ -664,11 +678,11 @@ class Exchange:
 
     def _answer_500(self) -> None:
         self.response_started = self.response_complete = True
-        self.transport.write(
+        self.conn.write(
             STATUS_LINE[500] + b"content-type: text/plain; charset=utf-8\r\n"
             b"content-length: 21\r\nconnection: close\r\n\r\nInternal Server Error"
         )
-        self.transport.close()
+        self.conn.close()
 
     def _reset(self) -> None:
         """Break the connection with a reset: the client cannot take a cut body for all."""
@@ -684,7 +698,7 @@ class Exchange:
         if self.waiting_100:
             self.waiting_100 = False
             if not self.transport.is_closing():
-                self.transport.write(_CONTINUE)
+                self.conn.write(_CONTINUE)
         if not self.disconnected and not self.response_complete:
             if not self.ready:
                 self.conn.resume_reading()
@@ -739,19 +753,25 @@ class Exchange:
                     raise RuntimeError("response body longer than its Content-Length")
                 self.remaining -= len(body)
             out.append(body)
+        conn = self.conn
         if out:
-            if len(out) == 1:
-                self.transport.write(out[0])
+            if not more and self.keep_alive and len(body) <= _HELD_WRITE:
+                # A whole small answer: sent with the loop turn's other writes (see outbox).
+                conn.outbox.write(self.transport, out[0] if len(out) == 1 else b"".join(out))
             else:
-                self.transport.writelines(out)
+                conn.outbox.settle()
+                if len(out) == 1:
+                    self.transport.write(out[0])
+                else:
+                    self.transport.writelines(out)
         if not more:
             if self.remaining > 0:
                 raise RuntimeError("response body shorter than its Content-Length")
             self.response_complete = True
             self.wake()
             if not self.keep_alive:
-                self.transport.close()
-            self.conn.response_complete(self)
+                conn.close()
+            conn.response_complete(self)
 
     def _start(self, status: int, headers: Any) -> None:
         self.response_started = True
@@ -815,4 +835,4 @@ class Exchange:
         head = self.head
         if head is not None and not self.disconnected:
             self.head = None
-            self.transport.write(head)
+            self.conn.write(head)

@@ -44,6 +44,7 @@ from proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from proxy.outbox import outbox
 
 Headers = list[tuple[bytes, bytes]]
 Body = bytes | AsyncIterator[bytes] | None
@@ -242,13 +243,15 @@ class Connection(asyncio.Protocol):
         self.sent_all = True
         try:
             if body is None:
-                transport.write(head)
+                self.pool.outbox.write(transport, head)  # with the loop turn's other writes
             elif isinstance(body, bytes):
                 if len(body) < 16384:
-                    transport.write(head + body)
+                    self.pool.outbox.write(transport, head + body)
                 else:
+                    self.pool.outbox.settle()
                     transport.writelines((head, body))
             else:
+                self.pool.outbox.settle()
                 transport.write(head)
                 self.sent_all = False
                 self.writer = loop.create_task(self._send_body(body, chunked))
@@ -385,6 +388,7 @@ class Connection(asyncio.Protocol):
         self.pool.forget(self)
         transport = self.transport
         if transport is not None and not transport.is_closing():
+            self.pool.outbox.settle()
             if transport.get_write_buffer_size():
                 transport.abort()  # unsent bytes would keep it open
             else:
@@ -651,6 +655,7 @@ class Pool:
         self.open = 0  # connections open or opening
         self.idle: list[Connection] = []  # oldest first
         self.waiters: deque[asyncio.Future[Connection | None]] = deque()
+        self.outbox = outbox(self.loop)
         self.closed = False
         self._sweep: asyncio.TimerHandle | None = None
 

@@ -354,3 +354,22 @@ async def test_past_the_grace_a_request_still_running_is_cancelled() -> None:
             await reader.read()  # the connection ends too
         assert 0.25 <= loop.time() - began < 2.0
         writer.close()
+
+
+async def test_many_connections_answered_in_the_same_turns_each_get_their_own_answers() -> None:
+    """Small answers leave through the loop's outbox, several per turn: none may reach
+    another connection, be lost or overtake the one before it."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await answer(send, scope["raw_path"] + b"?" + scope["query_string"])
+
+    async with serving(app) as server:
+        clients = [await connect(server) for _ in range(20)]
+        for n, (_, writer) in enumerate(clients):
+            writer.write(
+                b"".join(b"GET /c%d?r=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (n, r) for r in range(5))
+            )
+        for n, (reader, writer) in enumerate(clients):
+            got = [(await read_response(reader))[2] for _ in range(5)]
+            assert got == [b"/c%d?r=%d" % (n, r) for r in range(5)]
+            writer.close()
