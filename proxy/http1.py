@@ -613,7 +613,6 @@ class Exchange:
         "remaining",
         "bodyless",
         "head",
-        "flush",
         "task",
     )
 
@@ -637,7 +636,6 @@ class Exchange:
         self.remaining = 0  # body bytes the response's Content-Length still promises
         self.bodyless = False
         self.head: bytes | None = None  # written with the first piece of body
-        self.flush: asyncio.Handle | None = None
         self.task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
@@ -675,6 +673,7 @@ class Exchange:
                     self._answer_500()
         finally:
             self.conn.server.tasks.discard(self.task)
+            self.task = None
 
     def _answer_500(self) -> None:
         self.response_started = self.response_complete = True
@@ -829,7 +828,9 @@ class Exchange:
         self.head = head
         # Most answers send their body at once; a streamed one that waits for its first
         # piece must not keep its head from the client meanwhile.
-        self.flush = self.conn.loop.call_soon(self._flush_head)
+        # (Not keeping the handle: exchange -> handle -> exchange would be a reference
+        # cycle, and one per request made the cycle collector ~5% of the CPU under load.)
+        self.conn.loop.call_soon(self._flush_head)
 
     def _flush_head(self) -> None:
         head = self.head

@@ -8,15 +8,25 @@ tested against the real process in tests/e2e/test_edges.py and test_hardening.py
 from __future__ import annotations
 
 import asyncio
+import gc
+import io
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from proxy.app import Holder, ProxyApp
 from proxy.config import Limits
 from proxy.http1 import HIGH_WATER, MainServer
+from proxy.loader import load_text
+from proxy.logs import AccessLog, LogSink
+from proxy.metrics import Metrics
+from proxy.runtime import build
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -373,3 +383,61 @@ async def test_many_connections_answered_in_the_same_turns_each_get_their_own_an
             got = [(await read_response(reader))[2] for _ in range(5)]
             assert got == [b"/c%d?r=%d" % (n, r) for r in range(5)]
             writer.close()
+
+
+async def _garbage_after(server: MainServer, requests: int) -> Counter[str]:
+    """The objects that only the cycle collector could free after `requests` requests."""
+    reader, writer = await connect(server)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for n in range(requests):
+            writer.write(b"GET /api/x%d HTTP/1.1\r\nHost: x\r\n\r\n" % n)
+            status, _, _ = await read_response(reader)
+            assert status == b"HTTP/1.1 200 OK"
+        await asyncio.sleep(0.01)  # the requests' tasks end after their answers
+        gc.collect()
+        return Counter(type(o).__qualname__ for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        writer.close()
+
+
+async def test_a_request_through_the_whole_proxy_leaves_no_reference_cycle(
+    tmp_path: Path,
+) -> None:
+    """A request freed by reference counting costs the cycle collector nothing; one cycle
+    per request (a task kept by its own request, a handle by its callback's owner) made
+    the collector ~5% of the proxy's CPU under load."""
+
+    async def backend(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await answer(send, b"from the backend")
+
+    async with serving(backend) as origin:
+        config = load_text(
+            f"""
+version: 1
+legacy: monolith
+backends:
+  monolith: {{url: "http://127.0.0.1:{origin.port}"}}
+  orders: {{url: "http://127.0.0.1:{origin.port}"}}
+routes:
+  - name: api
+    match: {{prefix: /api}}
+    split: {{orders: 50, monolith: 50}}
+    sticky: {{cookie: uid}}
+    retry: {{attempts: 2}}
+    bulkhead: {{max_concurrent: 10}}
+""",
+            "cycles.yaml",
+        )
+        holder = Holder(build(config, None, Metrics(CollectorRegistry())))
+        sink = LogSink(io.StringIO())
+        try:
+            async with serving(ProxyApp(holder, AccessLog(sink))) as proxy:
+                garbage = await _garbage_after(proxy, 50)
+        finally:
+            sink.close()
+    ours = {name: n for name, n in garbage.items() if n >= 50}
+    assert not ours, f"left in cycles, per request: {ours}"
