@@ -89,8 +89,10 @@ class MainServer:
         grace: float,
         on_refusal: Refusal | None = None,
         ws_max_size: int = 16 * 1024 * 1024,
+        busy_poll: float = 0.0,
     ) -> None:
         self.app = app
+        self.busy_poll = busy_poll  # seconds (see proxy.outbox)
         self.limits = limits
         self.grace = grace
         self.on_refusal = on_refusal
@@ -141,6 +143,7 @@ class MainServer:
 
     async def serve(self, sockets: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
+        outbox(loop).busy_poll = self.busy_poll
         servers = [
             await loop.create_server(lambda: Http1(self), sock=sock, backlog=2048)
             for sock in sockets

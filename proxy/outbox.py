@@ -7,6 +7,13 @@ requests and sends several upstream requests; written one by one, ~100 µs apart
 write finds its reader asleep again and pays a wake-up. Written back to back at the end
 of the turn, the first wakes the reader and the others find it awake.
 
+Busy polling (config `listen.busy_poll_us`, off by default): after a write the loop keeps
+polling for that long instead of sleeping, so the answer to what was written (a backend's
+response, a kept-alive client's next request) is read without the wake-up of a sleeping
+process, ~30 µs per hop on the machine of bench/RESULTS.md. It spends a core on polling
+while traffic is steady but sparse, and under a CPU quota (a Kubernetes limit) that time
+counts: use it where a core is the proxy's own.
+
 Only whole small messages are held (a complete small response, a request without a
 streamed body): streamed bodies go straight out under flow control. Whoever writes or
 closes a transport directly calls `settle()` first, so a transport's bytes always leave in
@@ -16,18 +23,35 @@ the order they were written.
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 
 
 class Outbox:
-    __slots__ = ("loop", "pending", "scheduled", "__weakref__")
+    __slots__ = (
+        "loop",
+        "pending",
+        "scheduled",
+        "busy_poll",
+        "polling",
+        "last_write",
+        "__weakref__",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.pending: list[tuple[asyncio.Transport, bytes]] = []
         self.scheduled = False
+        self.busy_poll = 0.0  # seconds the loop polls after a write; 0: it may sleep at once
+        self.polling = False
+        self.last_write = 0.0
 
     def write(self, transport: asyncio.Transport, data: bytes) -> None:
+        if self.busy_poll:
+            self.last_write = time.perf_counter()
+            if not self.polling:
+                self.polling = True
+                self.loop.call_soon(self._poll)
         if self.scheduled:
             self.pending.append((transport, data))
         else:
@@ -36,6 +60,14 @@ class Outbox:
             self.scheduled = True
             self.loop.call_soon(self.flush)
             transport.write(data)
+
+    def _poll(self) -> None:
+        # A callback always ready keeps the loop from sleeping: each turn polls the
+        # sockets without blocking, until `busy_poll` has passed since the last write.
+        if time.perf_counter() - self.last_write < self.busy_poll:
+            self.loop.call_soon(self._poll)
+        else:
+            self.polling = False
 
     def settle(self) -> None:
         """Send what is held now: a direct write or close comes next."""

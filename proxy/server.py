@@ -100,7 +100,13 @@ class DataPlane:
         self.reloader.on_config.append(lambda cfg, rt: self.health.update(cfg, rt.upstreams))
         self.access_log = access_log
         app = ProxyApp(self.holder, access_log)
-        self.main = MainServer(app, config.limits, config.shutdown_grace, self.refused)
+        self.main = MainServer(
+            app,
+            config.limits,
+            config.shutdown_grace,
+            self.refused,
+            busy_poll=config.listen.busy_poll_us / 1e6,
+        )
         self.stopping = asyncio.Event()
 
     def refused(self, status: int, reason: str, client: str) -> None:

@@ -185,3 +185,22 @@ def _quiet_get(url: str) -> None:
         httpx.get(url, timeout=20)
     except httpx.HTTPError:
         pass
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_busy_polling_serves_and_stops_once_traffic_does(b: Backends, tmp_path: Path) -> None:
+    """`listen.busy_poll_us`: the loop polls for a while after each write instead of
+    sleeping, and only then: an idle proxy spends no CPU on it."""
+    text = config({"monolith": b.monolith_url}, extra="listen: {busy_poll_us: 2000}")
+    with ProxyProcess(text, tmp_path) as p, httpx.Client(base_url=p.url, timeout=5) as client:
+        assert p.proc is not None
+        for n in range(200):
+            assert client.get(f"/hello/{n}").status_code == 200
+        time.sleep(0.2)  # past the 2 ms of polling after the last write
+        before = _cpu_seconds(p.proc.pid)
+        time.sleep(1.0)
+        assert _cpu_seconds(p.proc.pid) - before < 0.2  # polling would be ~1 s

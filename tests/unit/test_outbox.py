@@ -4,6 +4,7 @@ together on the next turn, and nothing ever overtakes what was written before it
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from proxy.outbox import Outbox, outbox
@@ -81,3 +82,26 @@ async def test_a_transport_closed_meanwhile_is_skipped_and_a_failing_one_aborted
 async def test_one_outbox_per_loop() -> None:
     loop = asyncio.get_running_loop()
     assert outbox(loop) is outbox(loop)
+
+
+async def test_busy_poll_keeps_the_loop_polling_after_a_write_then_lets_it_sleep() -> None:
+    loop = asyncio.get_running_loop()
+    box = Outbox(loop)
+    t = FakeTransport([], "t")
+
+    async def cpu_while_waiting(seconds: float) -> float:
+        began = time.process_time()
+        await asyncio.sleep(seconds)
+        return time.process_time() - began
+
+    box.write(t, b"x")  # busy_poll off: the loop may sleep at once
+    assert not box.polling
+    assert await cpu_while_waiting(0.1) < 0.03
+
+    box.busy_poll = 0.1
+    box.write(t, b"y")
+    assert box.polling
+    spent = await cpu_while_waiting(0.3)  # 0.1 s of polling, then sleep
+    assert not box.polling
+    assert spent > 0.04  # it polled (on a loaded machine, not all of the 0.1 s is ours)
+    assert await cpu_while_waiting(0.1) < 0.03  # and once over, it sleeps again
