@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import nginx  # noqa: E402
 from bench.main import cpu_per_request, free_port, origin_and_reference  # noqa: E402
 from bench.model import PROXY_CPU  # noqa: E402
-from bench.strangler import ROOT, Strangler  # noqa: E402
+from bench.strangler import ROOT, SCENARIOS, Strangler  # noqa: E402
 
 
 class _At(Strangler):
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--base", default="HEAD", help="git revision for A (default HEAD)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--duration", type=float, default=4.0)
-    p.add_argument("--scenario", default="demo", choices=("plain", "demo", "routes1000"))
+    p.add_argument("--scenario", default="demo", choices=SCENARIOS)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="strangler-ab-") as tmp:
         workdir = Path(tmp)

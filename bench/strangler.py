@@ -10,6 +10,8 @@ demo        the demo's policies: a sticky cookie split 50/50 over two backends (
             turn most of wrk's 64 connections into 503s, which is no speed measurement.
 routes1000  `plain` plus 1,000 more routes /r0000 ... /r0999 (every fourth a sticky split
             with fallback, retry and breaker of its own)
+busypoll    `demo` with `listen.busy_poll_us: 200` (off by default): the loop polls for
+            200 µs after a write instead of sleeping, for the latency at 1 connection
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 from bench import procstat
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("plain", "demo", "routes1000")
+SCENARIOS = ("plain", "demo", "routes1000", "busypoll")
+BUSY_POLL_US = 200
 STICKY_COOKIE = "strangler_uid"
 
 
@@ -41,6 +44,8 @@ def config(scenario: str, origin: str) -> str:
         return _demo(origin)
     if scenario == "routes1000":
         return _plain(origin) + _many_routes(1000)
+    if scenario == "busypoll":
+        return _demo(origin) + f"listen: {{busy_poll_us: {BUSY_POLL_US}}}\n"
     raise ValueError(f"unknown scenario {scenario!r}")
 
 

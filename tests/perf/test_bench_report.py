@@ -97,6 +97,16 @@ def test_targets_fail_on_the_ratio_to_nginx_not_on_absolute_numbers() -> None:
     assert found[0].runs == "0.20x, 0.20x, 0.20x"
 
 
+def test_busy_polling_is_reported_beside_the_latency_target_not_instead_of_it() -> None:
+    run = make_run(demo_c64=4_100, demo_p50=0.30)  # 1.5x NGINX's 0.20 ms: fails
+    run.targets.append(target("busypoll", (1_600, 4_100, 700), 0.26, 8.0))  # 1.3x
+    found = report.goals(run)
+    assert found[1].text.startswith("demo policies, 1 connection, 1 KiB: p50")
+    assert found[2].text.startswith("same, with `listen.busy_poll_us: 200` (opt-in): p50")
+    assert [g.ok for g in found[1:3]] == [False, True]
+    assert found[2].measured == "1.300x"
+
+
 def test_results_page_has_every_section() -> None:
     text = report.markdown(make_run(demo_c64=4_100, demo_p50=0.27))
     for heading in ("Quick check", "Targets", "All numbers", "Every run", "noisy", "Commands"):

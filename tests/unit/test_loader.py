@@ -118,9 +118,7 @@ def test_unknown_key_in_a_backend_suggests_a_backend_field() -> None:
 
 def test_unknown_key_without_a_close_match_lists_the_valid_keys() -> None:
     issues = issues_of(BASE + "listen: {zzz: 1}\n")
-    assert issues == [
-        (6, "listen.zzz", "unknown key 'zzz' (valid keys: host, port, busy_poll_us)")
-    ]
+    assert issues == [(6, "listen.zzz", "unknown key 'zzz' (valid keys: host, port, busy_poll_us)")]
 
 
 def test_busy_poll_is_bounded_microseconds() -> None:
