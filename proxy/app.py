@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import Awaitable
 from typing import Any
 
 from proxy import pipeline, websocket
@@ -35,17 +36,18 @@ class ProxyApp:
         # made, a few ms instead of ~30 (it was most of the p99 at 64 connections).
         gc.freeze()
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Send) -> None:
+    def __call__(self, scope: dict[str, Any], receive: Any, send: Send) -> Awaitable[None]:
+        """An ASGI 3 app that returns the request's coroutine instead of awaiting it: one
+        frame less for every resumption of the request (the server awaits it directly)."""
         kind = scope["type"]
         runtime = self.holder.current
         if kind == "http":
             req = Request(scope, receive, runtime.trusted)
             watch = DisconnectWatch(receive, asyncio.current_task(), self.watches)
-            await pipeline.handle(runtime, req, send, watch, self.access_log)
-        elif kind == "websocket":
-            await websocket.handle(runtime, scope, receive, send, self.access_log)
-        elif kind == "lifespan":
-            await _lifespan(receive, send)
+            return pipeline.handle(runtime, req, send, watch, self.access_log)
+        if kind == "websocket":
+            return websocket.handle(runtime, scope, receive, send, self.access_log)
+        return _lifespan(receive, send)
 
 
 async def _lifespan(receive: Any, send: Send) -> None:

@@ -106,6 +106,7 @@ class MainServer:
         ws = uvicorn.Config(
             app,
             ws="websockets-sansio",
+            interface="asgi3",  # ProxyApp returns its coroutine: not detected as ASGI 3
             lifespan="off",
             loop="none",
             log_config=None,
