@@ -1,7 +1,7 @@
 """The main port's HTTP/1.1 server: an asyncio Protocol per client connection on httptools,
 serving the ASGI app (`ProxyApp`) with only what a proxy's hot path needs.
 
-It replaces uvicorn on the main port (the admin port stays on uvicorn) because uvicorn's
+It replaces uvicorn on the main port (and serves the admin port too) because uvicorn's
 per-request machinery was a third of the proxy's CPU per request (bench/PROFILE.md): a
 cycle object with an `asyncio.Event`, a flow-control object per connection, the request
 target parsed and unquoted through `urllib`, the response head built with two regular
@@ -19,6 +19,8 @@ trailer into the headers. HTTP/1.0 clients get a response of unknown length clos
 (RFC 9112 §6.3), never chunked. Pipelined requests are answered in order, one at a time.
 
 WebSocket upgrades are handed, bytes and transport, to uvicorn's websockets-sansio protocol.
+uvicorn is imported on the first upgrade only: with click and its config machinery it is
+~3 MiB of a worker's memory that a proxy without WebSocket traffic never needs.
 """
 
 from __future__ import annotations
@@ -37,8 +39,6 @@ from collections.abc import Callable
 from typing import Any
 
 import httptools
-import uvicorn
-from uvicorn.server import ServerState
 
 from proxy.config import Limits
 from proxy.outbox import Outbox, outbox
@@ -102,24 +102,24 @@ class MainServer:
         self.started = False
         self.force_exit = False
         self._exit = asyncio.Event()
-        # WebSocket connections are uvicorn's protocol's, after the handshake request.
-        ws = uvicorn.Config(
-            app,
-            ws="websockets-sansio",
-            interface="asgi3",  # ProxyApp returns its coroutine: not detected as ASGI 3
-            lifespan="off",
-            loop="none",
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            date_header=False,
-            proxy_headers=False,
-            ws_max_size=ws_max_size,
+        # WebSocket connections are uvicorn's protocol's, after the handshake request; its
+        # config is made, and uvicorn imported, on the first upgrade (`ws_protocol`).
+        self.ws_max_size = ws_max_size
+        self.ws_config: Any = None
+        self.ws_state = _WsState()
+
+    def ws_protocol(self) -> asyncio.Protocol:
+        """A websockets-sansio protocol for an upgrade. The first call imports uvicorn and
+        builds its config: a one-time stall of the loop (~40-60 ms on the benchmark VM,
+        `tests/unit/test_http1.py` has the measure), paid by the first WebSocket only, so
+        that a worker that never proxies one does not carry uvicorn (~3 MiB)."""
+        config = self.ws_config
+        if config is None:
+            config = self.ws_config = _ws_config(self.app, self.ws_max_size)
+        protocol: asyncio.Protocol = config.ws_protocol_class(
+            config=config, server_state=self.ws_state, app_state={}
         )
-        ws.load()
-        self.ws_config = ws
-        self.ws_state = ServerState()
-        self.ws_state.default_headers = []
+        return protocol
 
     @property
     def should_exit(self) -> bool:
@@ -180,6 +180,39 @@ class MainServer:
         for server in servers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+
+
+class _WsState:
+    """What uvicorn's WebSocket protocols share with their server: the attributes of
+    `uvicorn.server.ServerState`, here so that making a server imports no uvicorn."""
+
+    __slots__ = ("total_requests", "connections", "tasks", "default_headers")
+
+    def __init__(self) -> None:
+        self.total_requests = 0
+        self.connections: set[Any] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.default_headers: list[tuple[bytes, bytes]] = []
+
+
+def _ws_config(app: Any, ws_max_size: int) -> Any:
+    import uvicorn  # here, not at the top: see `MainServer.ws_protocol`
+
+    config = uvicorn.Config(
+        app,
+        ws="websockets-sansio",
+        interface="asgi3",  # ProxyApp returns its coroutine: not detected as ASGI 3
+        lifespan="off",
+        loop="none",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        date_header=False,
+        proxy_headers=False,
+        ws_max_size=ws_max_size,
+    )
+    config.load()
+    return config
 
 
 class Http1(asyncio.Protocol):
@@ -524,9 +557,7 @@ class Http1(asyncio.Protocol):
         for name, value in self.headers:
             output += [name, b": ", value, b"\r\n"]
         output.append(b"\r\n")
-        protocol = server.ws_config.ws_protocol_class(  # type: ignore[misc,call-arg]
-            config=server.ws_config, server_state=server.ws_state, app_state={}
-        )
+        protocol = server.ws_protocol()
         protocol.connection_made(self.transport)
         protocol.data_received(b"".join(output))
         self.transport.set_protocol(protocol)
