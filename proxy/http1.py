@@ -110,9 +110,10 @@ class MainServer:
 
     def ws_protocol(self) -> asyncio.Protocol:
         """A websockets-sansio protocol for an upgrade. The first call imports uvicorn and
-        builds its config: a one-time stall of the loop (~40-60 ms on the benchmark VM,
-        `tests/unit/test_http1.py` has the measure), paid by the first WebSocket only, so
-        that a worker that never proxies one does not carry uvicorn (~3 MiB)."""
+        builds its config: a one-time stall of the loop (40-55 ms measured on the benchmark
+        VM, of which ~7 ms is websockets reading its version through importlib.metadata),
+        paid by the first WebSocket only, so that a worker that never proxies one does not
+        carry uvicorn (~3.5 MiB; tests/e2e/test_lazy_imports.py)."""
         config = self.ws_config
         if config is None:
             config = self.ws_config = _ws_config(self.app, self.ws_max_size)
