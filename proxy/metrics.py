@@ -2,9 +2,13 @@
 
 Labelled children are made on first use and cached: recording a request looks up the
 children bound to its (route, backend) once, then counts. Nothing is made per route up
-front except what SPEC §9 shows for every route (split, breaker state). With several
-workers prometheus_client's multiprocess mode is on (PROMETHEUS_MULTIPROC_DIR); each gauge
-says how workers combine.
+front except what SPEC §9 shows for every route (split, breaker state). In one process
+those two are plain numbers by (route, backend), exposed at scrape time by a collector of
+our own (`_RouteGauge`): a Gauge child each, with its lock and value object, was ~2 MB
+with 1,000 routes. With several workers prometheus_client's multiprocess mode is on
+(PROMETHEUS_MULTIPROC_DIR): the workers' values reach the supervisor's /metrics only
+through the per-process files Gauge children write, so there they stay children. Each
+gauge says how workers combine.
 
 Only the series of the table are exposed: no `*_created` companions (prometheus_client adds
 them to the text format of one process, never to the multiprocess aggregate), and the two
@@ -14,10 +18,12 @@ health gauges appear only once something sets them ("absent without one").
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from proxy.outcome import Outcome
 from proxy.stats import Series, Window
@@ -37,6 +43,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.registry = r
+        multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.requests = Counter(
             "strangler_requests_total",
             "Requests answered, by route, backend that answered, method and status sent.",
@@ -71,8 +78,10 @@ class Metrics:
             "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
             ["route", "backend"],
             multiprocess_mode="livemax",
-            registry=r,
+            registry=r if multiprocess else None,
         )
+        # One process: the values alone, exposed where the Gauge would have been.
+        self._breakers = None if multiprocess else _RouteGauge(self.breaker_state, r)
         self.breaker_rejections = Counter(
             "strangler_breaker_rejections_total",
             "Requests not sent to a backend because its breaker was open.",
@@ -103,8 +112,9 @@ class Metrics:
             "The share of a route's traffic each backend gets, in percent.",
             ["route", "backend"],
             multiprocess_mode="livemax",
-            registry=r,
+            registry=r if multiprocess else None,
         )
+        self._splits = None if multiprocess else _RouteGauge(self.split_percent, r)
         self.shadow_results = Counter(
             "strangler_shadow_results_total",
             "Shadow comparisons: match, mismatch or error.",
@@ -164,6 +174,11 @@ class Metrics:
                 stale = labels[0] not in roles
             if stale:
                 self._forget(metrics[metric_id], key)
+        for gauge in (self._splits, self._breakers):
+            if gauge is not None:
+                values = gauge.values
+                for pair in [p for p in values if p[0] not in routes or p[1] not in roles]:
+                    del values[pair]
 
     def _forget(self, metric: Any, key: tuple[Any, ...]) -> None:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -210,7 +225,10 @@ class Metrics:
         self._child(self.retries_refused, route, backend).inc()
 
     def set_breaker_state(self, route: str, backend: str, state: str) -> None:
-        self._child(self.breaker_state, route, backend).set(BREAKER_VALUES[state])
+        if self._breakers is not None:
+            self._breakers.values[(route, backend)] = BREAKER_VALUES[state]
+        else:
+            self._child(self.breaker_state, route, backend).set(BREAKER_VALUES[state])
 
     def breaker_rejection(self, route: str, backend: str) -> None:
         self._child(self.breaker_rejections, route, backend).inc()
@@ -230,9 +248,14 @@ class Metrics:
     def set_split(self, route: str, weights: Mapping[str, int], backends: Any) -> None:
         """Every backend's share of `route`; a backend the route never sent traffic to has
         no series (not a 0: with many routes and backends those are most of the memory)."""
+        splits = self._splits
         for backend in backends:
             weight = weights.get(backend, 0)
-            if weight or (id(self.split_percent), route, backend) in self._children:
+            if splits is not None:
+                pair = (route, backend)
+                if weight or pair in splits.values:
+                    splits.values[pair] = weight
+            elif weight or (id(self.split_percent), route, backend) in self._children:
                 self._child(self.split_percent, route, backend).set(weight)
 
     def shadow_result(self, route: str, backend: str, result: str) -> None:
@@ -256,6 +279,26 @@ class Metrics:
                 registry=self.registry,
             )
         self.breaker_storage_up.set(1 if up else 0)
+
+
+class _RouteGauge(Collector):
+    """A (route, backend) gauge of one process kept as plain numbers and exposed at scrape
+    time as `gauge` would be: same name, help, type, labels, order and values."""
+
+    def __init__(self, gauge: Gauge, registry: CollectorRegistry) -> None:
+        self.name = gauge._name
+        self.documentation = gauge._documentation
+        self.values: dict[tuple[str, str], int] = {}
+        registry.register(self)
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self.name, self.documentation, labels=["route", "backend"])]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=["route", "backend"])
+        for (route, backend), value in list(self.values.items()):
+            family.add_metric((route, backend), value)
+        yield family
 
 
 class _Pair:
