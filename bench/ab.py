@@ -2,6 +2,7 @@
 bench/run.py:
 
     python bench/ab.py [--base HEAD] [--rounds 5] [--duration 4] [--scenario demo]
+    python bench/ab.py --path /bench/1m --connections 8     # MB/s of 1 MiB bodies
 
 On a shared machine whose speed drifts by tens of percent from minute to minute, two
 medians taken minutes apart say little; here the two versions (and NGINX as a yardstick)
@@ -52,7 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--duration", type=float, default=4.0)
     p.add_argument("--scenario", default="demo", choices=SCENARIOS)
+    p.add_argument("--path", default="/bench/1k", help="/bench/1k (default) or /bench/1m")
+    p.add_argument("--connections", default="64,1", help="comma-separated loads (default 64,1)")
     args = p.parse_args(argv)
+    args.loads = [int(n) for n in args.connections.split(",")]
     with tempfile.TemporaryDirectory(prefix="strangler-ab-") as tmp:
         workdir = Path(tmp)
         workdir.chmod(0o755)
@@ -92,25 +96,26 @@ def _compare(workdir: Path, base: Path, args: argparse.Namespace) -> int:
             "B working tree": (b.url, b.pids),
         }
         for i in range(args.rounds):
-            for conns in (64, 1):
+            for conns in args.loads:
                 order = list(targets.items())
                 if i % 2:
                     order[1], order[2] = order[2], order[1]
                 for name, (url, pids) in order:
                     found.setdefault((name, conns), []).append(
-                        _measure(url + "/bench/1k", pids, conns, args.duration)
+                        _measure(url + args.path, pids, conns, args.duration)
                     )
     finally:
         for proc in reversed(running):
             proc.stop()
     names = list(targets)
-    print(f"{args.rounds} rounds of {args.duration:g} s, 1 KiB, {args.scenario}, medians")
-    for conns in (64, 1):
-        print(f"\n{conns} connection(s)   req/s    CPU µs/req   p50 ms")
+    size = 1024 * 1024 if args.path.endswith("1m") else 1024
+    print(f"{args.rounds} rounds of {args.duration:g} s, {args.path}, {args.scenario}, medians")
+    for conns in args.loads:
+        print(f"\n{conns} connection(s)   req/s    CPU µs/req   p50 ms      MB/s")
         for name in names:
             runs = found[(name, conns)]
             rps, cpu, p50 = (statistics.median(r[k] for r in runs) for k in range(3))
-            print(f"  {name:18} {rps:>8,.0f} {cpu:>10.1f} {p50:>10.3f}")
+            print(f"  {name:18} {rps:>8,.0f} {cpu:>10.1f} {p50:>10.3f} {rps * size / 1e6:>9.0f}")
         pairs = zip(found[(names[1], conns)], found[(names[2], conns)], strict=True)
         ratios = [(b[0] / a[0], b[1] / a[1], b[2] / a[2]) for a, b in pairs]
         each = ", ".join(f"{r[0]:.2f}" for r in ratios)

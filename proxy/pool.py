@@ -20,6 +20,10 @@ A kept-alive connection the backend closed before any byte of the answer came is
 by a new one, once, when the request may reach the backend twice (`resendable`: its body is
 in hand and it is replay-safe, SPEC §5); a POST is never sent again that way.
 
+Reads are at most `READ_SIZE` bytes: a connection is an `asyncio.BufferedProtocol` that
+hands the loop one buffer shared by every connection of the loop (a read is copied out of
+it before the next one), rather than taking the loop's reads of up to 256 KiB.
+
 One timer per exchange covers the read and total timeouts: it is armed for the nearer of
 the two and, when it fires, re-armed unless a byte came (data_received only notes the time);
 while we, not the backend, hold things up (a slow client body, a paused reader) the read
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -52,11 +57,13 @@ Body = bytes | AsyncIterator[bytes] | None
 # Below the idle timeout of common backends (uvicorn, node: 5 s), so we close an idle
 # connection before the backend does and seldom send on one it is closing.
 IDLE_TIMEOUT = 4.0
-# Body bytes buffered before the backend is paused, and resumed. A read brings up to 256 KiB
-# (the loop's read size), so a connection holds at most one read past READ_HIGH: with 256 KiB
-# here 8 connections relaying 1 MiB bodies held ~3 MiB more at once, for no more MB/s.
+# Body bytes buffered before the backend is paused, and resumed. A connection holds at most
+# one read past READ_HIGH: with 256 KiB here 8 connections relaying 1 MiB bodies held ~3 MiB
+# more at once, for no more MB/s.
 READ_HIGH = 64 * 1024
 READ_LOW = 16 * 1024
+# The largest read (the loop's own would bring up to 256 KiB at once).
+READ_SIZE = 64 * 1024
 MAX_HEAD = 64 * 1024  # an answer's status line and headers, at most
 MAX_HEADERS = 128
 _EARLY = 0.002  # the loop's timers are coarse: a deadline this close counts as reached
@@ -128,7 +135,21 @@ class _Refused(Exception):
     """An answer the connection refuses (its error is already set): stops the parser."""
 
 
-class Connection(asyncio.Protocol):
+_read_buffers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, memoryview] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def read_buffer(loop: asyncio.AbstractEventLoop) -> memoryview:
+    """The loop's read buffer, shared by its connections: the loop reads into it and calls
+    `buffer_updated` at once, which copies the bytes out; no other read comes between."""
+    buffer = _read_buffers.get(loop)
+    if buffer is None:
+        buffer = _read_buffers[loop] = memoryview(bytearray(READ_SIZE))
+    return buffer
+
+
+class Connection(asyncio.BufferedProtocol):
     """One connection to a backend and the exchange on it, if any."""
 
     __slots__ = (
@@ -399,6 +420,12 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.pool.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(self.pool.read_buffer[:nbytes]))
+
     def data_received(self, data: bytes) -> None:
         state = self.state
         if state == _IDLE:
@@ -656,6 +683,7 @@ class Pool:
         self.idle: list[Connection] = []  # oldest first
         self.waiters: deque[asyncio.Future[Connection | None]] = deque()
         self.outbox = outbox(self.loop)
+        self.read_buffer = read_buffer(self.loop)
         self.closed = False
         self._sweep: asyncio.TimerHandle | None = None
 

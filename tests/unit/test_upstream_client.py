@@ -20,7 +20,7 @@ from proxy.errors import (
     UpstreamTimeout,
 )
 from proxy.forward import BodyErrorSource, Timeouts, Upstream, UpstreamResponse
-from proxy.pool import READ_HIGH, Pool, request_head
+from proxy.pool import READ_HIGH, READ_SIZE, Pool, request_head
 
 FAST = Timeouts(connect=1.0, read=1.0, total=5.0)
 HOST = [(b"host", b"backend")]
@@ -697,6 +697,43 @@ async def test_a_slow_reader_pauses_the_backend_and_memory_stays_bounded() -> No
         assert got == size
         resp.close()
         await up.close()
+
+
+async def reads_of_read_size_at_most() -> None:
+    """A connection the backend filled while it was paused: with the loop's own reads (256
+    KiB) it would hold one such read past READ_HIGH and pass on pieces that big."""
+    size = 4 * 1024 * 1024
+    async with Backend(replying(answer(b"z" * size))) as b:
+        up = b.upstream()
+        resp = await send(up)
+        conn = resp._conn
+        (writer,) = b._writers
+        for _ in range(400):  # until the kernel holds plenty the backend could not deliver
+            queued = size - writer.transport.get_write_buffer_size() - conn.received
+            if conn.reading_paused and queued >= 512 * 1024:
+                break
+            await asyncio.sleep(0.005)
+        else:
+            pytest.fail("the backend was not paused with 512 KiB in the socket buffers")
+        got = biggest = 0
+        async for chunk in resp.chunks():
+            got += len(chunk)
+            biggest = max(biggest, len(chunk))
+            assert conn.buffered <= READ_HIGH + READ_SIZE
+            await asyncio.sleep(0)
+        assert got == size and biggest <= READ_SIZE == 64 * 1024
+        resp.close()
+        await up.close()
+
+
+async def test_reads_are_64_kib_at_most() -> None:
+    await reads_of_read_size_at_most()
+
+
+def test_reads_are_64_kib_at_most_on_uvloop() -> None:
+    import uvloop
+
+    uvloop.run(reads_of_read_size_at_most())
 
 
 async def stream(parts: int, size: int) -> AsyncIterator[bytes]:
