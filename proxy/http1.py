@@ -80,7 +80,7 @@ class MainServer:
     """Serves `app` on the given sockets until `should_exit`; then drains: stops accepting,
     closes idle connections, lets requests in flight finish for up to `grace` seconds
     (or until `force_exit`), cancels what is left. The attributes `started`,
-    `should_exit` and `force_exit` mirror uvicorn's Server, which the admin port uses."""
+    `should_exit` and `force_exit` mirror uvicorn's Server's. It serves the admin port too."""
 
     def __init__(
         self,
