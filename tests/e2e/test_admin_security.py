@@ -183,13 +183,9 @@ def test_posts_are_refused_with_403_once_a_reload_names_an_unset_token_env(
             assert post(p, "/api/reload", authorization) == 403
             assert post(p, "/api/routes/orders/split", authorization, "{}") == 403
     finally:
-        before = httpx.get(p.admin + "/api/routes", timeout=10).json()["last_reload"]["time"]
         p.config_path.write_text(valid)  # only the file watch can take it back now
-
-        def reloaded() -> bool:
-            last = httpx.get(p.admin + "/api/routes", timeout=10).json()["last_reload"]
-            return bool(last["time"] != before and last["result"] == "success")
-
-        assert wait_until(reloaded, 15, 0.1)
-    assert post(p, "/api/reload", f"Bearer {TOKEN}") == 200
+        # Not "the next successful reload": the watch may still be reloading the file with
+        # the unset token env (it sees every write), and that reload succeeds too. The token
+        # is honoured again once the valid file is the one in force.
+        assert wait_until(lambda: post(p, "/api/reload", f"Bearer {TOKEN}") == 200, 20, 0.2)
     assert TOKEN not in Path(p.log_path).read_text()
