@@ -145,7 +145,8 @@ class MainServer:
 
     async def serve(self, sockets: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
-        outbox(loop).busy_poll = self.busy_poll
+        if self.busy_poll:  # (the admin port's server, on the same loop, leaves it be)
+            outbox(loop).busy_poll = self.busy_poll
         servers = [
             await loop.create_server(lambda: Http1(self), sock=sock, backlog=2048)
             for sock in sockets

@@ -26,6 +26,7 @@ from proxy.http1 import HIGH_WATER, MainServer
 from proxy.loader import load_text
 from proxy.logs import AccessLog, LogSink
 from proxy.metrics import Metrics
+from proxy.outbox import outbox
 from proxy.runtime import build
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
@@ -441,3 +442,27 @@ routes:
             sink.close()
     ours = {name: n for name, n in garbage.items() if n >= 50}
     assert not ours, f"left in cycles, per request: {ours}"
+
+
+async def test_a_second_server_on_the_loop_keeps_the_main_port_s_busy_polling() -> None:
+    """The admin port's server shares the main port's loop (one process): starting it
+    after or before the main port's must not turn busy polling off."""
+    loop = asyncio.get_running_loop()
+    box = outbox(loop)
+    saved = box.busy_poll
+    try:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        sock.setblocking(False)
+        main = MainServer(echo, Limits(), 1.0, busy_poll=0.0002)
+        task = asyncio.ensure_future(main.serve([sock]))
+        async with serving(echo):  # another server, busy_poll left at 0, started after
+            async with asyncio.timeout(5):
+                while not main.started:
+                    await asyncio.sleep(0.005)
+            assert box.busy_poll == 0.0002
+        main.should_exit = True
+        await task
+    finally:
+        box.busy_poll = saved
