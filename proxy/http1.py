@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import http
 import logging
-import re
 import socket
 import struct
 import time
@@ -65,8 +64,10 @@ _HELD_WRITE = 16384  # a whole answer with a body up to this goes out through th
 _OPEN_ENDED = -1  # `remaining` of a close-delimited response: no count kept
 # A response head may hold no control characters but the CRLFs that end its lines, and
 # tabs (RFC 9110 §5.5); anything else could split the response or be read differently.
-# (CR and LF are counted instead: a regular expression with lookarounds cost ~7 µs a head.)
-_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Deleting every other byte leaves exactly one CRLF per line of a sound head: one C pass
+# (a regular expression with lookarounds cost ~7 µs a head, counting plus a character
+# class ~1.9 µs, this ~0.4 µs).
+_NOT_CONTROL = bytes(b for b in range(256) if b == 0x09 or 0x20 <= b < 0x7F or b > 0x7F)
 
 
 class _Refused(Exception):
@@ -854,12 +855,7 @@ class Exchange:
                 lines += 1
         parts.append(b"\r\n")
         head = b"".join(parts)
-        if (
-            head.count(b"\r\n") != lines
-            or head.count(b"\r") != lines
-            or head.count(b"\n") != lines
-            or _CONTROL.search(head) is not None
-        ):
+        if head.translate(None, _NOT_CONTROL) != b"\r\n" * lines:
             self.response_started = False
             raise RuntimeError("invalid characters in a response header")
         self.head = head

@@ -165,6 +165,9 @@ async def test_a_streamed_response_s_head_reaches_the_client_before_its_first_pi
         (b"x-a", b"1\nset-cookie: evil=1"),
         (b"x-a", b"1\rset-cookie: evil=1"),
         (b"x-a", b"nul\x00byte"),
+        (b"x-a", b"del\x7fbyte"),
+        (b"x-a", b"esc\x1bbyte"),
+        (b"x-a", b"1\n\rset-cookie: evil=1"),
         (b"x-a\r\nset-cookie", b"evil=1"),
     ],
 )
