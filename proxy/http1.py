@@ -61,6 +61,7 @@ _ASGI = {"version": "3.0", "spec_version": "2.3"}
 _DISCONNECT = {"type": "http.disconnect"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HELD_WRITE = 16384  # a whole answer with a body up to this goes out through the outbox
+_TASK = "strangler-request"
 _OPEN_ENDED = -1  # `remaining` of a close-delimited response: no count kept
 # A response head may hold no control characters but the CRLFs that end its lines, and
 # tabs (RFC 9110 §5.5); anything else could split the response or be read differently.
@@ -478,7 +479,7 @@ class Http1(asyncio.Protocol):
             self.upgrading = True  # the parser stops here; data_received hands over
             return
         url = self.url
-        if url[:1] == b"/" and b"#" not in url and url[:2] != b"//":
+        if url[:1] == b"/" and url.find(b"#") < 0 and url[:2] != b"//":
             raw_path, _, query = url.partition(b"?")
         else:
             parsed = httptools.parse_url(url)
@@ -533,7 +534,9 @@ class Http1(asyncio.Protocol):
     def _start(self, exchange: Exchange) -> None:
         self.running = exchange
         server = self.server
-        task = exchange.task = self.loop.create_task(exchange.run(server.app))
+        # A Task made directly with a name: a nameless one formats "Task-N" on creation
+        # (Python 3.11), ~0.3% of a request's instructions.
+        task = exchange.task = asyncio.Task(exchange.run(server.app), loop=self.loop, name=_TASK)
         server.tasks.add(task)  # the task takes itself out when it ends
 
     def response_complete(self, exchange: Exchange) -> None:

@@ -93,7 +93,7 @@ def head_problem(status: int, raw_headers: Sequence[tuple[bytes, bytes]]) -> str
         return "the backend sent a malformed header name"
     if values.translate(None, _VALUE_OR_TAB):
         return "the backend sent a control character in a header value"
-    if b"transfer-encoding" in names.lower():
+    if names.lower().find(b"transfer-encoding") >= 0:  # `in` costs a TypeError first
         for name, value in raw_headers:
             if name.lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
                 return "the backend sent a transfer coding other than chunked"  # not undone
