@@ -9,11 +9,11 @@ import math
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from proxy.metrics import Metrics
+from proxy.metrics import BUCKETS, Metrics
 from proxy.outcome import Outcome
 
 # SPEC §9: name -> (type, label names)
@@ -46,7 +46,8 @@ def family_of(name: str) -> str:
 
 def outcome(method: str = "GET", status: int = 200, duration: float = 0.012, **kw: Any) -> Outcome:
     o = Outcome("rid", method, kw.pop("path", "/api/orders/7"), 0.0)
-    o.route, o.backend, o.status, o.duration = kw.get("route", "orders"), "orders", status, duration
+    o.route, o.backend = kw.get("route", "orders"), kw.get("backend", "orders")
+    o.status, o.duration = status, duration
     return o
 
 
@@ -181,7 +182,11 @@ def test_unknown_methods_become_other_and_paths_are_never_labels(metrics: Metric
     )
 
 
-def test_labelled_children_are_cached(metrics: Metrics, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_labelled_children_are_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """With several workers requests go into metric children (one process: plain numbers,
+    below), looked up once per label set."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    metrics = Metrics(CollectorRegistry())
     first = metrics._child(metrics.requests, "orders", "orders", "GET", "200")
     assert metrics._child(metrics.requests, "orders", "orders", "GET", "200") is first
     assert metrics._child(metrics.requests, "orders", "orders", "GET", "503") is not first
@@ -199,13 +204,7 @@ def test_labelled_children_are_cached(metrics: Metrics, monkeypatch: pytest.Monk
         metrics.record(outcome(status=201))
     # One lookup per new label set (requests and duration), none on the 49 later requests.
     assert calls == [("orders", "orders", "GET", "201"), ("orders", "orders")]
-    assert (
-        metrics.registry.get_sample_value(
-            "strangler_requests_total",
-            {"route": "orders", "backend": "orders", "method": "GET", "status": "201"},
-        )
-        == 50.0
-    )
+    assert metrics.requests.labels("orders", "orders", "GET", "201")._value.get() == 50.0
 
 
 def test_gauges_say_how_workers_combine(metrics: Metrics) -> None:
@@ -329,3 +328,56 @@ def test_route_gauges_are_children_with_workers(
     labels = {"route": "orders", "backend": "orders"}
     assert m.registry.get_sample_value("strangler_split_percent", labels) == 25.0
     assert m.registry.get_sample_value("strangler_breaker_state", labels) == 2.0
+
+
+def test_request_series_read_as_prometheus_client_metrics_would(metrics: Metrics) -> None:
+    """In one process requests, durations and in-flight counts are plain numbers behind
+    collectors of our own: the text a scraper reads is the one a real Counter, Histogram and
+    Gauge give for the same requests (help, type, labels, bucket edges, cumulative counts,
+    count, sum, series order, float format, a reload's removal of in-flight series)."""
+    reference = CollectorRegistry()
+    counter = Counter(
+        "strangler_requests_total",
+        "Requests answered, by route, backend that answered, method and status sent.",
+        ["route", "backend", "method", "status"],
+        registry=reference,
+    )
+    histogram = Histogram(
+        "strangler_request_duration_seconds",
+        "Time from receiving a request to its last byte sent.",
+        ["route", "backend"],
+        buckets=BUCKETS,
+        registry=reference,
+    )
+    flights = Gauge(
+        "strangler_bulkhead_in_flight",
+        "Requests of a route in flight.",
+        ["route"],
+        registry=reference,
+    )
+    # Every bucket's edge exactly, between edges, beyond the last, and repeats.
+    durations = [0.0, 0.0004, *BUCKETS, 0.0011, 0.003, 0.7, 29.0, 31.0, 120.0]
+    for i, seconds in enumerate(durations):
+        route, backend = ("orders", "orders") if i % 3 else ("cart", "monolith")
+        method = ("GET", "POST", "BREW")[i % 3]
+        status = (200, 503, 404, 200)[i % 4]
+        metrics.record(outcome(method, status, seconds, route=route, backend=backend))
+        counter.labels(route, backend, "OTHER" if method == "BREW" else method, str(status)).inc()
+        histogram.labels(route, backend).observe(seconds)
+    for route, value in [("orders", 3), ("cart", 1), ("orders", 0), ("gone", 2)]:
+        metrics.set_in_flight(route, value)
+        flights.labels(route).set(value)
+    metrics.retain({"orders", "cart"}, {"orders": "service", "monolith": "legacy"})
+    flights.remove("gone")
+
+    def text(registry: CollectorRegistry) -> str:
+        names = ("strangler_requests", "strangler_request_duration", "strangler_bulkhead_in")
+        lines = generate_latest(registry).decode().splitlines()
+        return "\n".join(line for line in lines if any(n in line for n in names))
+
+    expected = text(reference)
+    assert 'le="0.0025"' in expected and 'route="gone"' not in expected
+    assert text(metrics.registry) == expected
+    # Not a child with a lock per series.
+    assert not metrics.requests._metrics and not metrics.duration._metrics
+    assert not metrics.bulkhead_in_flight._metrics
