@@ -13,7 +13,7 @@ import random
 from bisect import bisect_right
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 BUCKETS = 10_000
 COOKIE_MAX_AGE = 30 * 24 * 3600
@@ -95,8 +95,10 @@ class StickySource(Protocol):
     def header(self, name: str) -> str | None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Choice:
+class Choice(NamedTuple):
+    """One request's backend and why (a tuple: made per request, ~4x cheaper than a frozen
+    dataclass, and as immutable)."""
+
     backend: str
     reason: str
     bucket: int | None = None
@@ -107,7 +109,7 @@ class Choice:
 class Chooser:
     """Picks a backend for one request of a route; explain and the request path share it."""
 
-    __slots__ = ("route", "sticky", "_random")
+    __slots__ = ("route", "sticky", "_random", "_by_key", "_by_weight")
 
     def __init__(
         self, route: str, sticky: Sticky | None, rng: Callable[[], float] = random.random
@@ -115,6 +117,10 @@ class Chooser:
         self.route = route
         self.sticky = sticky
         self._random = rng
+        # The reasons, formatted once rather than per request.
+        source = sticky.source if sticky is not None else ""
+        self._by_key = f"sticky {source}"
+        self._by_weight = f"by weight, no {source}" if sticky else "by weight, no sticky key"
 
     def choose(self, split: Split, request: StickySource) -> Choice:
         sticky = self.sticky
@@ -123,7 +129,7 @@ class Chooser:
             if only is not None:
                 return Choice(only, "only backend")
             bucket = int(self._random() * BUCKETS)
-            return Choice(split.backend_for(bucket), "by weight, no sticky key", bucket)
+            return Choice(split.backend_for(bucket), self._by_weight, bucket)
         if sticky.cookie:
             key = request.cookie(sticky.cookie)
         elif sticky.header:
@@ -132,7 +138,7 @@ class Chooser:
             key = request.client_ip
         if key:
             bucket = bucket_of(self.route, key)
-            return Choice(split.backend_for(bucket), f"sticky {sticky.source}", bucket, key)
+            return Choice(split.backend_for(bucket), self._by_key, bucket, key)
         if sticky.cookie:
             key = new_sticky_key()
             bucket = bucket_of(self.route, key)
@@ -144,7 +150,7 @@ class Chooser:
                 set_cookie_value(sticky.cookie, key, secure=request.is_secure),
             )
         bucket = int(self._random() * BUCKETS)
-        return Choice(split.backend_for(bucket), f"by weight, no {sticky.source}", bucket)
+        return Choice(split.backend_for(bucket), self._by_weight, bucket)
 
 
 def set_cookie_value(name: str, key: str, *, secure: bool) -> bytes:
