@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
+from pathlib import Path
 
 from bench import report, wrk
 from bench.model import LOADS, Run, Sample, Target
@@ -112,3 +113,17 @@ def test_results_page_has_every_section() -> None:
     for heading in ("Quick check", "Targets", "All numbers", "Every run", "noisy", "Commands"):
         assert heading in text
     assert "4,100 (0.20x)" in text  # strangler's cells carry their ratio to NGINX
+
+
+def test_instruction_count_is_read_from_the_dump_written_after_counting_began(
+    tmp_path: Path,
+) -> None:
+    from bench import instr
+
+    out = tmp_path / "callgrind.out"
+    old = tmp_path / "callgrind.out.1"
+    old.write_text("events: Ir\nsummary: 5\n")
+    before = {old}
+    new = tmp_path / "callgrind.out.2"
+    new.write_text("version: 1\ncmd: python\nevents: Ir\nfl=x\n1 10\ntotals: 873718527\n")
+    assert instr._total(out, before) == 873_718_527
