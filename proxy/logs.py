@@ -131,6 +131,19 @@ def _name(value: str) -> str:
     return found
 
 
+_fragments: dict[tuple[str, str, str], str] = {}
+
+
+def _fragment(route: str, backend: str, method: str) -> str:
+    """The route, backend and method members of an access line, cached as one string."""
+    if len(_fragments) > 4096:
+        _fragments.clear()
+    found = _fragments[(route, backend, method)] = (
+        f'"route":{_name(route)},"backend":{_name(backend)},"method":{_name(method)}'
+    )
+    return found
+
+
 class AccessLog:
     """One line per request: time, request id, route, backend, method, path, status,
     duration and bytes."""
@@ -148,13 +161,16 @@ class AccessLog:
                 extra += f',"fallback_from":{_name(o.fallback_from)}'
             if o.error:
                 extra += f',"error":{encode_basestring_ascii(o.error)}'
+            names = _fragments.get((o.route, o.backend, o.method)) or _fragment(
+                o.route, o.backend, o.method
+            )
+            client = _quoted.get(o.client_ip) or _name(o.client_ip)
             self._sink.write_soon(
                 f'{{"time":"{_iso(time.time())}","type":"access",'
                 f'"request_id":{encode_basestring_ascii(o.request_id)},'
-                f'"route":{_name(o.route)},"backend":{_name(o.backend)},'
-                f'"method":{_name(o.method)},"path":{encode_basestring_ascii(o.path)},'
+                f'{names},"path":{encode_basestring_ascii(o.path)},'
                 f'"status":{o.status:d},"duration_ms":{round(o.duration * 1000, 3)!r},'
-                f'"bytes":{o.bytes_sent:d},"client":{_name(o.client_ip)}{extra}}}\n'
+                f'"bytes":{o.bytes_sent:d},"client":{client}{extra}}}\n'
             )
         else:
             extra = f" error={o.error!r}" if o.error else ""
