@@ -31,6 +31,7 @@ class ProxyApp:
         self.holder = holder
         self.access_log = access_log
         self.watches = Watches()
+        self._loop: asyncio.AbstractEventLoop | None = None
         # What exists now (modules, the config, the runtime) lives as long as the process:
         # kept out of the collector's sight, a full collection walks only what requests
         # made, a few ms instead of ~30 (it was most of the p99 at 64 connections).
@@ -43,7 +44,12 @@ class ProxyApp:
         runtime = self.holder.current
         if kind == "http":
             req = Request(scope, receive, runtime.trusted)
-            watch = DisconnectWatch(receive, asyncio.current_task(), self.watches)
+            # current_task() without a loop asks get_running_loop(), which on Python 3.11
+            # makes a getpid() system call each time (its check for a fork): one per request.
+            loop = self._loop
+            if loop is None or not loop.is_running():
+                loop = self._loop = asyncio.get_running_loop()
+            watch = DisconnectWatch(receive, asyncio.current_task(loop), self.watches)
             return pipeline.handle(runtime, req, send, watch, self.access_log)
         if kind == "websocket":
             return websocket.handle(runtime, scope, receive, send, self.access_log)
