@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the benchmark runs: nginx (the origin and the reference proxy), wrk (the
-# load generator) and taskset (util-linux, for CPU pinning). Installs only what is missing,
+# load generator), taskset (util-linux, for CPU pinning) and valgrind (callgrind counts
+# instructions per request). Installs only what is missing,
 # so a machine that has them pays nothing. The benchmark starts its own NGINX processes with
 # generated configs: a system nginx service the package may have started is stopped again.
 set -euo pipefail
@@ -12,6 +13,7 @@ declare -A need=(
   [nginx]=nginx
   [wrk]=wrk
   [taskset]=util-linux
+  [valgrind]=valgrind
 )
 missing=()
 for cmd in "${!need[@]}"; do

@@ -12,6 +12,7 @@ import argparse
 import json
 import platform
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from bench.strangler import SCENARIOS, STICKY_COOKIE, Strangler, python
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADERS = (f"Cookie: {STICKY_COOKIE}=bench-user-1",)
+INSTR_REQUESTS = 2000
 
 
 def free_port() -> int:
@@ -52,6 +54,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
     p.add_argument("--no-deps", action="store_true", help="do not run bench/deps.sh")
+    p.add_argument(
+        "--no-instructions",
+        action="store_true",
+        help="skip the instruction counts (callgrind, ~15 s per scenario)",
+    )
     args = p.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 3)
     args.duration = args.duration or (3.0 if args.quick else 10.0)
@@ -159,6 +166,25 @@ def foundation_line(
         log.append(f"{shlex.join(cmd)}  # quick check, {name}")
         found[name], _ = wrk.run(cmd)
         print(f"foundation {name:>8}: {found[name].rps:10.0f} req/s", flush=True)
+    return found
+
+
+def count_instructions(scenarios: list[str], log: list[str]) -> dict[str, float]:
+    """Each scenario's user-space instructions per request under callgrind (bench/instr.py):
+    repeatable where the timings above are not. Skipped, with a note, without valgrind."""
+    from bench import instr
+
+    if shutil.which("valgrind") is None:
+        print("valgrind missing: no instruction counts", file=sys.stderr)
+        return {}
+    found: dict[str, float] = {}
+    for scenario in scenarios:
+        found[scenario] = instr.measure(ROOT, scenario, "/bench/1k", 1, INSTR_REQUESTS)
+        log.append(
+            f"python bench/instr.py --scenario {scenario} --connections 1 "
+            f"--requests {INSTR_REQUESTS}  # {found[scenario]:,.0f} instructions per request"
+        )
+        print(f"instructions {scenario:>10}: {found[scenario]:12,.0f} per request", flush=True)
     return found
 
 
@@ -285,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 s.stop()
             ngx.stop()
             origin.stop()
+    instructions = {} if args.no_instructions else count_instructions(scenarios, commands)
     result = Run(
         args=args,
         targets=measured,
@@ -298,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         versions={**versions(), **strangler_version_info()},
         rss_kib=rss,
         configs=configs,
+        instructions=instructions,
     )
     text = report.markdown(result)
     print(report.table(result))

@@ -77,3 +77,6 @@ class Run:
     versions: dict[str, str]
     rss_kib: dict[str, int]
     configs: dict[str, str]  # file name -> the generated NGINX or strangler config
+    # scenario -> user-space instructions per request (callgrind, bench/instr.py): empty
+    # when not counted (--no-instructions, or valgrind missing)
+    instructions: dict[str, float] = field(default_factory=dict)

@@ -163,6 +163,15 @@ def goals(run: Run) -> list[Goal]:
         lambda r: r >= 0.95,
         _per_run(run, "routes1000", "plain", "c64", rps),
     )
+    counted = run.instructions
+    if "routes1000" in counted and "plain" in counted:
+        # The same question asked of a count that does not drift with the machine.
+        ratio_goal(
+            "same, in instructions per request (callgrind, 1 connection): within 5%",
+            counted["routes1000"] / counted["plain"],
+            lambda r: r <= 1.05,
+            [],
+        )
     return found
 
 
@@ -312,6 +321,7 @@ def markdown(run: Run) -> str:
     if failures:
         out += ["", "⚠ non-2xx answers or socket errors in: " + ", ".join(failures)]
     out += _saturation(by_name)
+    out += _instructions(run)
     out += _spread(run)
     out += _noise(run)
     out += _environment(run)
@@ -403,6 +413,34 @@ def _foundation(run: Run) -> list[str]:
         ),
         "",
     ]
+
+
+def _instructions(run: Run) -> list[str]:
+    counted = run.instructions
+    if not counted:
+        return []
+    plain = counted.get("plain")
+    out = [
+        "",
+        "## Instructions per request",
+        "",
+        "strangler's user-space instructions per request under valgrind's callgrind "
+        "(`bench/instr.py`: 2,000 requests on 1 connection after a warm-up, the NGINX origin "
+        "behind). The same code gives the same count to well under 1% whatever else the "
+        "machine does, so a change shows here when the timings above are lost in noise. Not "
+        "counted: the kernel's work in our system calls, and cache misses.",
+        "",
+    ]
+    body = [
+        [
+            LABELS.get(name, name),
+            f"{value:,.0f}",
+            f"{value / plain:.3f}x" if plain else "-",
+        ]
+        for name, value in counted.items()
+    ]
+    out += _md_table(["scenario", "instructions per request", "ratio to plain"], body)
+    return out
 
 
 def _spread(run: Run) -> list[str]:

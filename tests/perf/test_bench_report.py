@@ -127,3 +127,17 @@ def test_instruction_count_is_read_from_the_dump_written_after_counting_began(
     new = tmp_path / "callgrind.out.2"
     new.write_text("version: 1\ncmd: python\nevents: Ir\nfl=x\n1 10\ntotals: 873718527\n")
     assert instr._total(out, before) == 873_718_527
+
+
+def test_instruction_counts_get_their_table_and_a_routes_verdict_beside_the_timed_one() -> None:
+    run = make_run(demo_c64=4_100, demo_p50=0.27)
+    assert "Instructions per request" not in report.markdown(run)  # not counted: no section
+    run.instructions = {"plain": 368_070.0, "demo": 386_612.0, "routes1000": 368_843.0}
+    found = report.goals(run)
+    assert found[-1].text.startswith("same, in instructions per request")
+    assert (found[-1].measured, found[-1].ok) == ("1.002x", True)
+    run.instructions["routes1000"] = 400_000.0  # 8.7% more: fails
+    assert report.goals(run)[-1].ok is False
+    text = report.markdown(run)
+    assert "## Instructions per request" in text
+    assert "| strangler, demo policies | 386,612 | 1.050x |" in text
