@@ -30,6 +30,7 @@ from proxy.errors import (
 )
 from proxy.forward import Body, Timeouts, UpstreamResponse
 from proxy.headers import Headers, upstream_request_headers, with_host
+from proxy.http1 import BODY_FOLLOWS
 from proxy.logs import AccessLog
 from proxy.outcome import Outcome
 from proxy.request import DisconnectWatch, Request, RequestBody, Send
@@ -356,7 +357,7 @@ async def _relay(ex: _Exchange, resp: UpstreamResponse, backend: str, choice: Ch
         if bodyless or (length is not None and length <= SMALL_RESPONSE):
             body = b"" if bodyless else await resp.read(SMALL_RESPONSE)
             ex.watch.stop()
-            await _start(ex, resp.status, headers)
+            await _start(ex, resp.status, headers, body_follows=True)
             await send({"type": "http.response.body", "body": body, "more_body": False})
             o.bytes_sent = len(body)
             kept = [body] if kept is not None and len(body) <= limit else None
@@ -392,9 +393,16 @@ def _content_length(headers: Headers) -> int | None:
     return None
 
 
-async def _start(ex: _Exchange, status: int, headers: Headers) -> None:
+async def _start(
+    ex: _Exchange, status: int, headers: Headers, *, body_follows: bool = False
+) -> None:
+    """`body_follows`: the whole body is sent next, at once (our server then holds the head
+    for it instead of arranging to flush it alone; other servers ignore the key)."""
     ex.started_response = True
-    await ex.send({"type": "http.response.start", "status": status, "headers": headers})
+    message = {"type": "http.response.start", "status": status, "headers": headers}
+    if body_follows:
+        message[BODY_FOLLOWS] = True
+    await ex.send(message)
 
 
 async def _answer_error(ex: _Exchange, err: ProxyError) -> None:
@@ -412,6 +420,6 @@ async def _answer_error(ex: _Exchange, err: ProxyError) -> None:
     if ex.choice is not None and ex.choice.set_cookie is not None:
         # A new sticky key is kept even when this answer is an error: the retry agrees.
         headers.append((b"set-cookie", ex.choice.set_cookie))
-    await _start(ex, status, headers)
+    await _start(ex, status, headers, body_follows=True)
     await ex.send({"type": "http.response.body", "body": body, "more_body": False})
     o.bytes_sent = len(body)

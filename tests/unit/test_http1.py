@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.app import Holder, ProxyApp
 from proxy.config import Limits
-from proxy.http1 import HIGH_WATER, MainServer
+from proxy.http1 import BODY_FOLLOWS, HIGH_WATER, MainServer
 from proxy.loader import load_text
 from proxy.logs import AccessLog, LogSink
 from proxy.metrics import Metrics
@@ -155,6 +155,30 @@ async def test_a_streamed_response_s_head_reaches_the_client_before_its_first_pi
         first_piece.set()
         async with asyncio.timeout(2):
             assert await reader.readuntil(b"0\r\n\r\n") == b"4\r\nlate\r\n0\r\n\r\n"
+        writer.close()
+
+
+async def test_a_head_whose_body_follows_at_once_waits_for_it() -> None:
+    """`strangler.body_follows` (the pipeline's whole answers): the head is not flushed on
+    its own; it leaves with the body."""
+    body_now = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        start = {"type": "http.response.start", "status": 200, "headers": [(b"x-a", b"1")]}
+        await send({**start, BODY_FOLLOWS: True})
+        await body_now.wait()
+        await send({"type": "http.response.body", "body": b"whole", "more_body": False})
+
+    async with serving(app) as server:
+        reader, writer = await connect(server)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with pytest.raises(TimeoutError):  # the head alone does not come
+            async with asyncio.timeout(0.2):
+                await reader.readuntil(b"\r\n\r\n")
+        body_now.set()
+        status, headers, body = await read_response(reader)
+        assert status.startswith(b"HTTP/1.1 200") and headers[b"x-a"] == b"1"
+        assert body == b"whole"
         writer.close()
 
 
