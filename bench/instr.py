@@ -5,7 +5,7 @@ instructions its process executes for a fixed number of requests.
     python bench/instr.py --checkout /tmp/base          # another checkout of the repo
 
 Wall time on this shared VM moves by tens of percent from minute to minute; an instruction
-count does not (the same run twice agrees to well under 1%), so a change to the hot path
+count hardly does (runs of the same code agree within about 1%), so a change to the hot path
 can be judged here in one run each. It counts only our process's user-space instructions:
 not the kernel's work in our syscalls, not cache misses, so it complements `bench/ab.py`
 (time, paired) and does not replace it.

@@ -426,7 +426,7 @@ def _instructions(run: Run) -> list[str]:
         "",
         "strangler's user-space instructions per request under valgrind's callgrind "
         "(`bench/instr.py`: 2,000 requests on 1 connection after a warm-up, the NGINX origin "
-        "behind). The same code gives the same count to well under 1% whatever else the "
+        "behind). The same code gives the same count within about 1% whatever else the "
         "machine does, so a change shows here when the timings above are lost in noise. Not "
         "counted: the kernel's work in our system calls, and cache misses.",
         "",
