@@ -259,7 +259,15 @@ class Connection(asyncio.BufferedProtocol):
         self.read_timeout = read_timeout
         self.deadline = deadline
         now = self.last = loop.time()
-        self.timer = loop.call_at(min(now + read_timeout, deadline), self._on_timer)
+        due = min(now + read_timeout, deadline)
+        timer = self.timer
+        # An exchange that ends in time leaves its timer running: when it is due no later
+        # than this one's, it serves (`_on_timer` sets it again for the time now due), and
+        # a request costs no timer made and cancelled.
+        if timer is None or timer.when() > due:
+            if timer is not None:
+                timer.cancel()
+            self.timer = loop.call_at(due, self._on_timer)
         waiter = self.head_waiter = loop.create_future()
         self.sent_all = True
         try:
@@ -475,7 +483,6 @@ class Connection(asyncio.BufferedProtocol):
         self._add_body(data)
         if size == remaining:
             self.state = _DONE
-            self._stop_timer()
             self._wake()
         return True
 
@@ -540,8 +547,6 @@ class Connection(asyncio.BufferedProtocol):
         waiter = self.head_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if self.head_only:
-            self._stop_timer()
 
     def on_body(self, body: bytes) -> None:
         if self.state != _BODY:
@@ -564,7 +569,6 @@ class Connection(asyncio.BufferedProtocol):
             return
         if self.state == _BODY:
             self.state = _DONE
-            self._stop_timer()
             self._wake()
         elif not (self.state == _DONE and self.head_only):
             raise _Unasked
@@ -606,7 +610,7 @@ class Connection(asyncio.BufferedProtocol):
     def _on_timer(self) -> None:
         self.timer = None
         if self.state not in (_HEAD, _BODY):
-            return
+            return  # the exchange ended in time: the timer was left for the next one
         now = self.loop.time()
         deadline = self.deadline
         if now >= deadline - _EARLY:

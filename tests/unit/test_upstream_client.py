@@ -632,6 +632,40 @@ async def test_no_byte_within_the_read_timeout_is_a_timeout() -> None:
         await up.close()
 
 
+async def test_a_kept_alive_connection_keeps_its_timer_and_a_shorter_timeout_still_holds() -> None:
+    """An exchange that ends in time leaves its read timer for the next one on the same
+    connection (no timer made and cancelled per request); a next exchange due sooner gets a
+    timer of its own, and one that never answers still times out on time."""
+    answers = 0
+
+    async def twice(b: Backend, r: asyncio.StreamReader, w: asyncio.StreamWriter, s: Seen) -> bool:
+        nonlocal answers
+        answers += 1
+        if answers > 2:
+            await r.read()  # the third request is never answered
+            return False
+        w.write(answer())
+        await w.drain()
+        return True
+
+    async with Backend(twice) as b:
+        up = b.upstream()
+        long = Timeouts(connect=1.0, read=30.0, total=60.0)
+        assert await fetch(up, timeouts=long) == b"ok"
+        conn = up.pool().idle[-1]
+        first = conn.timer
+        assert first is not None and not first.cancelled()
+        assert await fetch(up, timeouts=long) == b"ok"
+        assert conn.timer is first  # due no later than the second's: it served
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(UpstreamTimeout):
+            await send(up, timeouts=Timeouts(connect=1.0, read=0.2, total=5.0))
+        assert 0.15 < loop.time() - t0 < 1.0  # not the 30 s the kept timer was due at
+        assert first.cancelled() and b.accepted == 1
+        await up.close()
+
+
 async def test_a_body_that_stops_coming_is_a_timeout() -> None:
     async def stall(b: Backend, r: asyncio.StreamReader, w: asyncio.StreamWriter, s: Seen) -> bool:
         w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
