@@ -29,24 +29,6 @@ from bench.model import PROXY_CPU  # noqa: E402
 from bench.strangler import ROOT, SCENARIOS, Strangler  # noqa: E402
 
 
-class _At(Strangler):
-    """strangler started from another checkout (`python -m proxy` takes the cwd's package)."""
-
-    def __init__(self, checkout: Path, *args: object) -> None:
-        super().__init__(*args)  # type: ignore[arg-type]
-        self.checkout = checkout
-
-    def start(self, timeout: float = 30.0) -> Strangler:
-        import bench.strangler as module
-
-        saved = module.ROOT
-        module.ROOT = self.checkout
-        try:
-            return super().start(timeout)
-        finally:
-            module.ROOT = saved
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/ab.py", description=__doc__.split("\n")[0])
     p.add_argument("--base", default="HEAD", help="git revision for A (default HEAD)")
@@ -86,9 +68,9 @@ def _compare(workdir: Path, base: Path, args: argparse.Namespace) -> int:
         a_dir, b_dir = workdir / "a", workdir / "b"
         a_dir.mkdir()
         b_dir.mkdir()
-        a = _At(base, a_dir, args.scenario, origin.url, free_port(), free_port(), PROXY_CPU)
+        a = Strangler(a_dir, args.scenario, origin.url, free_port(), free_port(), PROXY_CPU, base)
         running.append(a.start())
-        b = _At(ROOT, b_dir, args.scenario, origin.url, free_port(), free_port(), PROXY_CPU)
+        b = Strangler(b_dir, args.scenario, origin.url, free_port(), free_port(), PROXY_CPU)
         running.append(b.start())
         targets: dict[str, tuple[str, Callable[[], list[int]]]] = {
             "NGINX": (ngx.url, ngx.pids),

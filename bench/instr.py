@@ -25,23 +25,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.main import free_port, origin_and_reference  # noqa: E402
 from bench.model import PROXY_CPU  # noqa: E402
+from bench.nginx import Nginx  # noqa: E402
 from bench.strangler import ROOT, SCENARIOS, STICKY_COOKIE, Strangler  # noqa: E402
 
 
 class _Counted(Strangler):
-    """`strangler run` under callgrind, started from `checkout` (this repo by default)."""
+    """`strangler run` under callgrind, instrumentation off until switched on."""
 
-    def __init__(self, checkout: Path, out: Path, *args: object) -> None:
-        super().__init__(*args)  # type: ignore[arg-type]
-        self.checkout = checkout
-        self.out = out
+    def __init__(self, out: Path, *args: Any) -> None:
+        super().__init__(*args)
         pin = self.command[:3] if self.command[0] == "taskset" else []
         self.command = [
             *pin,
@@ -52,15 +53,22 @@ class _Counted(Strangler):
             *self.command[len(pin) :],
         ]
 
-    def start(self, timeout: float = 180.0) -> Strangler:
-        import bench.strangler as module
+    def start(self, timeout: float = 180.0) -> Strangler:  # valgrind starts slowly
+        return super().start(timeout)
 
-        saved = module.ROOT
-        module.ROOT = self.checkout
+
+@contextmanager
+def origin_in_tempdir(prefix: str) -> Iterator[tuple[Path, Nginx]]:
+    """A fresh work directory and the NGINX origin of bench/run.py serving from it."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        workdir = Path(tmp)
+        workdir.chmod(0o755)
+        origin, _ = origin_and_reference(workdir)
+        origin.start("/bench/1k")
         try:
-            return super().start(timeout)
+            yield workdir, origin
         finally:
-            module.ROOT = saved
+            origin.stop()
 
 
 async def load(port: int, path: str, connections: int, requests: int) -> None:
@@ -114,16 +122,11 @@ def measure(
     requests: int,
     keep: Path | None = None,
 ) -> float:
-    with tempfile.TemporaryDirectory(prefix="strangler-instr-") as tmp:
-        workdir = Path(tmp)
-        workdir.chmod(0o755)
-        origin, _ = origin_and_reference(workdir)
-        origin.start("/bench/1k")
+    with origin_in_tempdir("strangler-instr-") as (workdir, origin):
         out = workdir / "callgrind.out"
         port, admin = free_port(), free_port()
-        proxy = _Counted(
-            checkout, out, workdir, scenario, origin.url, port, admin, PROXY_CPU
-        ).start()
+        proxy = _Counted(out, workdir, scenario, origin.url, port, admin, PROXY_CPU, checkout)
+        proxy.start()
         try:
             asyncio.run(load(port, path, connections, max(100, requests // 10)))
             before = set(workdir.glob("callgrind.out*"))
@@ -137,7 +140,6 @@ def measure(
             return total / requests
         finally:
             proxy.stop()
-            origin.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,9 +71,9 @@ def _short(file: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from bench import instr
-    from bench.main import free_port, origin_and_reference
+    from bench.main import free_port
     from bench.model import PROXY_CPU
-    from bench.strangler import ROOT, SCENARIOS, Strangler
+    from bench.strangler import SCENARIOS, Strangler
 
     p = argparse.ArgumentParser(prog="bench/opcodes.py", description=__doc__.split("\n")[0])
     p.add_argument("--scenario", default="demo", choices=SCENARIOS)
@@ -83,11 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--top", type=int, default=40)
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="strangler-opcodes-") as tmp:
-        workdir = Path(tmp)
-        workdir.chmod(0o755)
-        origin, _ = origin_and_reference(workdir)
-        origin.start("/bench/1k")
+    with instr.origin_in_tempdir("strangler-opcodes-") as (workdir, origin):
         out = workdir / "opcodes.json"
         port, admin = free_port(), free_port()
         proxy = Strangler(workdir, args.scenario, origin.url, port, admin, PROXY_CPU)
@@ -105,8 +100,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = json.loads(out.read_text())
         finally:
             proxy.stop()
-            origin.stop()
-    del ROOT
     total = sum(n for _, _, n in rows)
     by_file: collections.Counter[str] = collections.Counter()
     for file, _, n in rows:

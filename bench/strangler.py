@@ -108,8 +108,17 @@ class Strangler:
     """`python -m proxy run -c CFG --workers 1` under `taskset -c CPU`."""
 
     def __init__(
-        self, workdir: Path, scenario: str, origin: str, port: int, admin_port: int, cpu: int | None
+        self,
+        workdir: Path,
+        scenario: str,
+        origin: str,
+        port: int,
+        admin_port: int,
+        cpu: int | None,
+        checkout: Path = ROOT,
     ) -> None:
+        """`checkout`: the repository whose `proxy` runs (another revision's, for A/B)."""
+        self.checkout = checkout
         self.scenario = scenario
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -142,7 +151,11 @@ class Strangler:
     def start(self, timeout: float = 30.0) -> Strangler:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ)
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.checkout,
+                env=dict(os.environ),
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
