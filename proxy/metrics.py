@@ -68,7 +68,6 @@ class Metrics:
         # order a series first appeared, as a Counter's and a Histogram's children are.
         self._counts: dict[tuple[str, str, str, int], int] = {}
         self._pairs: dict[tuple[str, str], _Pair] = {}
-        self._plain = not multiprocess
         if not multiprocess:
             r.register(_RequestSeries(self))
             self.record = self._record_plain  # type: ignore[method-assign]
@@ -225,7 +224,9 @@ class Metrics:
         counter = None if pair is None else pair.requests.get(key)
         if counter is None:
             counter = self._child(self.requests, o.route, o.backend, key[0], str(o.status))
-            pair = pair or self._pair(o.route, o.backend)
+            pair = pair or self._pair(
+                o.route, o.backend, self._child(self.duration, o.route, o.backend)
+            )
             pair.requests[key] = counter
         assert pair is not None
         counter.inc()
@@ -237,7 +238,7 @@ class Metrics:
         route, backend, status, seconds = o.route, o.backend, o.status, o.duration
         pair = self._pairs.get((route, backend))
         if pair is None:
-            pair = self._pair(route, backend)
+            pair = self._pair(route, backend, None)
         key = (route, backend, o.method if o.method in KNOWN_METHODS else "OTHER", status)
         counts = self._counts
         counts[key] = counts.get(key, 0) + 1
@@ -245,8 +246,8 @@ class Metrics:
         pair.sum += seconds
         pair.series.add(status >= 500, seconds)
 
-    def _pair(self, route: str, backend: str) -> _Pair:
-        duration = None if self._plain else self._child(self.duration, route, backend)
+    def _pair(self, route: str, backend: str, duration: Any) -> _Pair:
+        """`duration`: the histogram's child with several workers; None in one process."""
         pair = _Pair(duration, self.window.series(route, backend))
         self._pairs[(route, backend)] = pair
         return pair
